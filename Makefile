@@ -1,0 +1,128 @@
+# Self-supervised pretraining for cardiac MRI segmentation: the study as a dependency graph.
+#
+#   make report                      the whole study on the built-in phantom (PROFILE=default)
+#   make report DATA=/path/to/ACDC   the same on real ACDC (official NIfTI release or SSL4MIS HDF5);
+#                                    more folders, comma-separated, add pretraining-only sources
+#   make report PROFILE=paper        the study's full protocol (224 px, 40 epochs, all budgets; for a GPU)
+#   make test                        the test suite
+#
+# Every stage is a notebook executed by Papermill into reports/<data>/<profile>/executed/; each run is a
+# target of its own, so `make -j N` runs independent runs in parallel, a second `make report` with nothing
+# changed does nothing, and an interrupted sweep resumes where it stopped.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SECONDEXPANSION:
+MAKEFLAGS += --no-builtin-rules
+
+PROFILE ?= default
+DATA ?=
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KERNEL := cmr-ssl
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+export MPLBACKEND := Agg
+
+.DEFAULT_GOAL := help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILE) (params/<name>.yaml)  DATA=<folder>[,<folder>...] (empty: phantom)"
+
+# ------------------------------------------------------------------------------------------ environment
+env: $(STAMP) ## create the virtual environment, pinned packages and the Jupyter kernel
+$(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py tools/cmr_torchvision_shim.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) tools/setup_env.py
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cmr-ssl)" > /dev/null
+	touch $@
+
+# ------------------------------------------------------------------------------------------ the plan
+# Run names, folders and the data tag come from cmr_utils (the one module that knows the layout).
+PLAN := .make/plan-$(PROFILE)-$(shell printf '%s' "$(DATA)" | cksum | cut -d' ' -f1).mk
+$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py
+	@mkdir -p $(dir $@)
+	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --make > $@.tmp && mv $@.tmp $@
+ifneq ($(filter report prepare pretrain finetune evaluate explain clean-outputs,$(MAKECMDGOALS)),)
+include $(PLAN)
+endif
+
+LIB := $(wildcard cmr_utils/*.py) params/$(PROFILE).yaml $(STAMP)
+EXE = $(REPORTS_DIR)/executed
+PREP = $(EXE)/01_prepare_data.ipynb
+PRETRAIN = $(METHODS:%=$(EXE)/02_pretrain-%.ipynb)
+FINETUNE = $(RUNS:%=$(EXE)/03_finetune-%.ipynb)
+EVALUATE = $(EXE)/04_evaluate.ipynb
+EXPLAIN = $(EXE)/06_explain.ipynb
+REPORT = $(EXE)/05_report.ipynb
+
+# papermill NOTEBOOK [-p name value ...]: runs notebooks/NOTEBOOK.py (the paired .py is the source), writes
+# to a temporary name and renames on success; a failed run is kept as *.failed.ipynb for reading.
+define papermill
+@mkdir -p $(@D)
+@echo "[$(PROFILE)/$(TAG)] $(notdir $@)"
+$(PY) -m jupytext --quiet --to ipynb -o $@.src.ipynb notebooks/$(1).py
+$(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --log-level WARNING --no-progress-bar \
+	-p profile $(PROFILE) -p data "$(DATA)" $(2) \
+	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null; rm -f $@.src.ipynb; exit 1; }
+rm -f $@.src.ipynb $(@:.ipynb=.failed.ipynb)
+mv $@.tmp.ipynb $@
+endef
+
+prepare: $(PREP) ## stage 01: patient-level splits and slice sets
+pretrain: $(PRETRAIN) ## stage 02: SimSiam and SwAV pretraining
+finetune: $(FINETUNE) ## stage 03: the fine-tuning sweep (init x budget x seed)
+evaluate: $(EVALUATE) ## stage 04: test-set evaluation, ACDC metrics, statistics across seeds
+explain: $(EXPLAIN) ## stage 06: Seg-Grad-CAM and explanation numbers
+report: $(REPORTS_DIR)/report.html ## every stage, then reports/<data>/<profile>/report.html
+	@ln -sfn $(TAG)/$(PROFILE)/report.html $(OUTPUT_ROOT)/reports/report.html
+	@echo "report: $(REPORTS_DIR)/report.html (also linked as $(OUTPUT_ROOT)/reports/report.html)"
+
+$(PREP): notebooks/01_prepare_data.py $(LIB)
+	$(call papermill,01_prepare_data)
+
+$(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: notebooks/02_pretrain.py $(PREP) $(LIB)
+	$(call papermill,02_pretrain,-p method $*)
+
+# an SSL-initialised run also waits for (and re-runs after) its method's pretraining
+ssl_prereq = $(if $(filter simsiam swav,$(firstword $(subst -, ,$(1)))),$(EXE)/02_pretrain-$(firstword $(subst -, ,$(1))).ipynb)
+$(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB) $$(call ssl_prereq,$$*)
+	$(call papermill,03_finetune,-p run $*)
+
+$(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB)
+	$(call papermill,04_evaluate)
+
+$(EXPLAIN): notebooks/06_explain.py $(EVALUATE) $(LIB)
+	$(call papermill,06_explain)
+
+$(REPORT): notebooks/05_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB)
+	$(call papermill,05_report)
+
+$(REPORTS_DIR)/report.html: $(REPORT)
+	$(PY) -m jupyter nbconvert --to html --no-input --log-level WARN --output-dir $(@D) --output report.tmp $<
+	mv $(@D)/report.tmp.html $@
+
+# ------------------------------------------------------------------------------------------ people
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest -q
+
+lab: $(STAMP) ## open JupyterLab on the notebooks
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+
+bench: $(STAMP) ## print speed figures: data preparation, pretraining, fine-tuning, Seg-Grad-CAM
+	$(PY) benchmarks/bench_prepare.py
+	$(PY) benchmarks/bench_pretrain.py
+	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_cam.py
+
+sync: $(STAMP) ## re-pair the notebooks (.py <-> .ipynb) after editing one outside JupyterLab
+	$(PY) -m jupytext --sync notebooks/*.py
+
+clean-outputs: ## delete the runs and reports of this PROFILE and DATA
+	rm -rf $(RUNS_DIR) $(REPORTS_DIR)
+
+.PHONY: help env prepare pretrain finetune evaluate explain report test lab bench sync clean-outputs

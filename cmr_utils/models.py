@@ -1,0 +1,124 @@
+"""The one model factory: a ResNet18 backbone for pretraining and an FPN for segmentation, from every
+initialisation (random, imagenet, simsiam, swav).
+
+Channel convention (decided here, once): images are single-channel. The backbone's ``conv1`` takes one
+channel; 3-channel checkpoints (ImageNet) are folded into it by summing the RGB kernels, which is what
+segmentation-models-pytorch does for ``in_channels=1``.
+
+Key convention: the backbone is a torchvision ResNet18 without its classifier, so its ``state_dict`` keys
+(``conv1.weight``, ``bn1.*``, ``layer1.*`` ... ``layer4.*``) are exactly those of smp's ResNet18 encoder.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN_CHANNELS = 1
+N_CLASSES = 4  # background, RV, MYO, LV
+FEATURE_DIM = 512  # ResNet18's pooled feature size
+
+
+def build_backbone() -> nn.Module:
+    """ResNet18 feature extractor (B, 1, H, W) -> (B, 512) with smp-compatible key names."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()  # no parameters: the state_dict has encoder keys only
+    return net
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that are neither cached nor downloadable."""
+
+
+INITS = ("random", "imagenet", "simsiam", "swav")
+SSL_INITS = ("simsiam", "swav")
+
+
+def imagenet_state_dict(timeout_s: float = 3.0) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet ResNet18 weights through the standard torch-hub download-and-cache path.
+
+    Works wherever the user has internet or a filled cache (``$TORCH_HOME/hub/checkpoints``). Without
+    either, it fails within a few seconds (``CMR_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: at once) with a
+    message that says where to put the file. It never falls back to random weights.
+    """
+    import os
+    import socket
+    from pathlib import Path
+
+    from torchvision.models import ResNet18_Weights
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    help_text = (f"ImageNet weights for ResNet18 are not in the torch hub cache ({cached}) and could not be "
+                 f"downloaded. On a machine with internet, download {weights.url} and copy it to {cached} "
+                 f"(or point TORCH_HOME at a cache that has hub/checkpoints/{cached.name}).")
+    if not cached.is_file():
+        if os.environ.get("CMR_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise WeightsUnavailable(help_text + " (offline mode is set)")
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout_s)  # urllib honours it: no minutes-long retries when offline
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as err:  # URLError, socket.timeout, gaierror, partial downloads...
+            raise WeightsUnavailable(f"{help_text} ({type(err).__name__}: {err})") from err
+        finally:
+            socket.setdefaulttimeout(previous)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:
+        raise WeightsUnavailable(f"{cached}: cannot load the cached ImageNet weights ({err})") from err
+
+
+def fold_to_one_channel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum a 3-channel ``conv1`` over its RGB kernels (smp's rule for ``in_channels=1``); drop ``fc.*``."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    conv = state.get("conv1.weight")
+    if conv is not None and conv.shape[1] == 3 and IN_CHANNELS == 1:
+        state["conv1.weight"] = conv.sum(dim=1, keepdim=True)
+    return state
+
+
+def load_encoder_strict(encoder: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``state`` into an smp encoder; any missing, unexpected or mis-shaped key is an error."""
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{origin}: encoder weights do not match the ResNet18 encoder "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:3]})")
+    nn.Module.load_state_dict(encoder, state, strict=True)
+
+
+def build_segmentation_model(init: str = "random", encoder_path=None, n_classes: int = N_CLASSES) -> nn.Module:
+    """FPN with a ResNet18 encoder (segmentation-models-pytorch), initialised from ``init``.
+
+    ``random``: PyTorch's default initialisation; ``imagenet``: torchvision's ImageNet weights (see
+    ``imagenet_state_dict``); ``simsiam`` / ``swav``: an encoder exported by stage 02, loaded strictly.
+    """
+    import segmentation_models_pytorch as smp
+
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+    model = smp.FPN("resnet18", encoder_weights=None, in_channels=IN_CHANNELS, classes=n_classes)
+    if init == "imagenet":
+        load_encoder_strict(model.encoder, fold_to_one_channel(imagenet_state_dict()), "ImageNet ResNet18")
+    elif init in SSL_INITS:
+        if encoder_path is None:
+            raise ValueError(f"init {init!r} needs encoder_path (the encoder exported by stage 02)")
+        from .ssl import load_encoder_state
+
+        load_encoder_strict(model.encoder, load_encoder_state(encoder_path), str(encoder_path))
+    elif encoder_path is not None:
+        raise ValueError("init 'random' takes no encoder_path")
+    return model
+
+
+def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) the encoder's parameters; a frozen encoder's BatchNorm statistics are kept too
+    (the fine-tuning module keeps it in eval mode)."""
+    for p in model.encoder.parameters():
+        p.requires_grad_(not frozen)

@@ -1,0 +1,141 @@
+"""Parameter profiles: ``params/<profile>.yaml``, checked against one schema.
+
+A profile holds every parameter of every stage (``tiny`` for tests and CI, ``default`` for the whole study
+on the phantom on a 2-core machine, ``paper`` for the study's full protocol on a GPU). Notebooks receive
+only the profile name, the data folders and the loop variables (method, init, budget, seed) from Papermill,
+and read everything else here, so derived values are always computed after injection.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .paths import PARAMS_DIR
+
+# The schema: a leaf is the expected type (or tuple of types); a dict is a nested section.
+# Lists are given as ("list", element type).
+NUMBER = (int, float)
+SCHEMA: dict[str, Any] = {
+    "data": {
+        "image_size": int,
+        "resize": str,
+        "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "seed": int},
+        "phantom": {"patients": int, "extra_cases": int, "frames": int, "seed": int},
+    },
+    "pretrain": {
+        "methods": ("list", str),
+        "val_fraction": NUMBER,
+        "batch_size": int,
+        "max_epochs": int,
+        "patience": int,
+        "lr": NUMBER,
+        "seed": int,
+        "simsiam": dict,
+        "swav": dict,
+    },
+    "finetune": {
+        "inits": ("list", str),
+        "budgets": ("list", (int, str)),
+        "seeds": ("list", int),
+        "epochs": int,
+        "batch_size_all": int,
+        "batch_size_budget": int,
+        "lr": NUMBER,
+        "freeze_below": int,
+        "flips": bool,
+    },
+    "trainer": {"accelerator": str, "devices": (int, str), "precision": str, "strategy": str,
+                "num_workers": int, "channels_last": bool},
+    "explain": {
+        "layers": ("list", str),
+        "target": str,
+        "n_best": int,
+        "n_median": int,
+        "n_worst": int,
+        "deletion_steps": int,
+        "max_slices": int,
+    },
+}
+CHOICES = {
+    "data.resize": {"pad", "crop"},
+    "explain.target": {"predicted", "ground_truth"},
+}
+INITS = ("random", "imagenet", "simsiam", "swav")
+
+
+class ParameterError(ValueError):
+    """A parameter file or value that does not match the schema."""
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+
+
+def _check(value: Any, expected: Any, where: str, source: str) -> None:
+    if isinstance(expected, dict):
+        if not isinstance(value, dict):
+            raise ParameterError(f"{source}: {where}: expected a mapping, got {type(value).__name__}")
+        missing = sorted(set(expected) - set(value))
+        unknown = sorted(set(value) - set(expected))
+        if missing:
+            raise ParameterError(f"{source}: {where or 'top level'}: missing key(s) {missing}")
+        if unknown:
+            raise ParameterError(f"{source}: {where or 'top level'}: unknown key(s) {unknown}")
+        for key, sub in expected.items():
+            _check(value[key], sub, f"{where}.{key}" if where else key, source)
+        return
+    if isinstance(expected, tuple) and expected and expected[0] == "list":
+        if not isinstance(value, list) or not value:
+            raise ParameterError(f"{source}: {where}: expected a non-empty list, got {value!r}")
+        for i, item in enumerate(value):
+            _check(item, expected[1], f"{where}[{i}]", source)
+        return
+    # bool is an int in Python: never accept it where a number is expected, and vice versa
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ParameterError(
+            f"{source}: {where}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+    if where in CHOICES and value not in CHOICES[where]:
+        raise ParameterError(f"{source}: {where}: expected one of {sorted(CHOICES[where])}, got {value!r}")
+
+
+def validate(params: dict, source: str = "parameters") -> dict:
+    """Check ``params`` against the schema and the cross-field rules; return it unchanged."""
+    _check(params, SCHEMA, "", source)
+    split = params["data"]["split"]
+    fractions = [split[k] for k in ("train", "val", "test")]
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ParameterError(f"{source}: data.split: train/val/test must be positive and sum to 1, got {fractions}")
+    if params["data"]["image_size"] < 32 or params["data"]["image_size"] % 32:
+        raise ParameterError(f"{source}: data.image_size: expected a multiple of 32 (FPN strides), "
+                             f"got {params['data']['image_size']}")
+    for init in params["finetune"]["inits"]:
+        if init not in INITS:
+            raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected {INITS}")
+    for budget in params["finetune"]["budgets"]:
+        if budget != "all" and not (isinstance(budget, int) and budget > 0):
+            raise ParameterError(f"{source}: finetune.budgets: expected 'all' or a positive number of slices, "
+                                 f"got {budget!r}")
+    for method in params["pretrain"]["methods"]:
+        if method not in ("simsiam", "swav"):
+            raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected simsiam, swav")
+    return params
+
+
+def profile_path(profile: str) -> Path:
+    return PARAMS_DIR / f"{profile}.yaml"
+
+
+def load_profile(profile: str) -> dict:
+    """Read and validate ``params/<profile>.yaml``."""
+    path = profile_path(profile)
+    if not path.is_file():
+        known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+        raise ParameterError(f"profile {profile!r}: no file {path}; known profiles: {known}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParameterError(f"{path}: not valid YAML ({err})") from err
+    return validate(params, source=str(path))

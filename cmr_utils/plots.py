@@ -1,0 +1,143 @@
+"""Figures of the compendium (matplotlib; headless-safe). Each function returns a Figure."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.rcParams.setdefault("figure.dpi", 100)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from .prepare import normalise_volume  # noqa: E402
+
+LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.10, 0.75, 0.20), 3: (0.15, 0.35, 0.95)}
+INIT_COLOURS = {"random": "tab:gray", "imagenet": "tab:orange", "simsiam": "tab:blue", "swav": "tab:green"}
+
+
+def label_cmap(n_classes: int = 4) -> ListedColormap:
+    colours = [(0, 0, 0, 0)] + [(*LABEL_COLOURS.get(k, (0.95, 0.85, 0.1)), 0.45) for k in range(1, n_classes)]
+    return ListedColormap(colours)
+
+
+def show_slice(ax, image: np.ndarray, label: np.ndarray | None = None, title: str | None = None) -> None:
+    """Grey image with the label map overlaid (0 transparent)."""
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if label is not None:
+        n = max(4, int(label.max()) + 1)
+        ax.imshow(np.ma.masked_equal(label, 0), cmap=label_cmap(n), vmin=0, vmax=n - 1, interpolation="nearest")
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def sample_slices(prepared, sources, per_source: int = 4):
+    """For each source: ``per_source`` slices through one volume of its first patient, label overlaid."""
+    fig, axes = plt.subplots(len(sources), per_source, figsize=(2.2 * per_source, 2.4 * len(sources)),
+                             squeeze=False)
+    for row, source in zip(axes, sources):
+        vol = next(source.volumes(source.patients()[:1]))
+        image = normalise_volume(vol.image)
+        picks = np.linspace(0.2, 0.8, per_source) * (len(image) - 1)
+        for ax, k in zip(row, picks.round().astype(int)):
+            show_slice(ax, image[k], None if vol.label is None else vol.label[k],
+                       f"{source.layout}: {vol.patient} {vol.phase} z={k}")
+    fig.suptitle("Sample slices per source (RV red, MYO green, LV blue; LA yellow)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(histories: dict[str, pd.DataFrame], title: str, columns=("train_loss", "val_loss")):
+    """One line per (name, column): per-epoch curves, e.g. the pretraining losses of one or both methods."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, history in histories.items():
+        for column, style in zip(columns, ("-", "--", ":")):
+            if column in history:
+                h = history.dropna(subset=[column])
+                ax.plot(h["epoch"], h[column], style, marker=".", color=INIT_COLOURS.get(name),
+                        label=f"{name} {column.replace('_', ' ')}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss" if all("loss" in c for c in columns) else ", ".join(columns))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def validation_curves(histories: dict[str, pd.DataFrame]):
+    """Validation loss and IoU per epoch, one line per initialisation (the study's Fig. 4)."""
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for init, h in histories.items():
+        ax_loss.plot(h["epoch"], h["val_loss"], marker=".", color=INIT_COLOURS.get(init), label=init)
+        ax_iou.plot(h["epoch"], h["val_iou"], marker=".", color=INIT_COLOURS.get(init), label=init)
+    for ax, name in ((ax_loss, "validation Dice loss"), (ax_iou, "validation IoU")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_iou.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
+    """Mean (line) and 95% CI (band) of ``value`` against labelled slices, one line per initialisation."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for init, g in summary.groupby("init"):
+        g = g.sort_values("n_labelled")
+        colour = INIT_COLOURS.get(init)
+        ax.plot(g["n_labelled"], g["mean"], marker="o", color=colour, label=init)
+        ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]), g["ci_high"].fillna(g["mean"]),
+                        color=colour, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training slices")
+    ax.set_ylabel(value)
+    ax.set_title(f"{value} by label budget (mean, 95% CI over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ef_scatter(ef: pd.DataFrame):
+    """Predicted against true ejection fraction, per structure, one colour per initialisation."""
+    structures = sorted(ef["structure"].unique()) or ["LV"]
+    fig, axes = plt.subplots(1, len(structures), figsize=(4.2 * len(structures), 4), squeeze=False)
+    for ax, structure in zip(axes[0], structures):
+        g = ef[ef["structure"] == structure]
+        for init, h in g.groupby("init"):
+            ax.scatter(h["ef_true"], h["ef_pred"], s=14, color=INIT_COLOURS.get(init), label=init, alpha=0.7)
+        lims = [min(g[["ef_true", "ef_pred"]].min().min(), 0), max(g[["ef_true", "ef_pred"]].max().max(), 80)]
+        ax.plot(lims, lims, "k--", lw=0.8)
+        ax.set_xlabel(f"true {structure} EF (%)")
+        ax.set_ylabel(f"predicted {structure} EF (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, truth, finetune_dir,
+                      budget: str = "all"):
+    """Image | ground truth | one prediction per initialisation, on the test slice of median IoU of the
+    initialisation with the best mean test IoU (seed of its first run)."""
+    from .evaluate import predict
+    from .finetune import load_trained_model
+
+    runs = results[results["budget"] == budget].sort_values(["init", "seed"])
+    if runs.empty:
+        runs = results.sort_values(["init", "seed"])
+    best_init = runs.groupby("init")["test_iou"].mean().idxmax()
+    first = runs[runs["init"] == best_init].iloc[0]
+    scores = per_slice[per_slice["run"] == first["name"]]["iou"].reset_index(drop=True).dropna()
+    index = int(scores.index[np.argsort(scores.to_numpy(), kind="stable")[len(scores) // 2]])
+    by_init = runs.groupby("init").first()
+    fig, axes = plt.subplots(1, 2 + len(by_init), figsize=(2.6 * (2 + len(by_init)), 2.9))
+    show_slice(axes[0], images[index], None, "image")
+    show_slice(axes[1], images[index], truth[index], "ground truth")
+    for ax, (init, run) in zip(axes[2:], by_init.iterrows()):
+        pred = predict(load_trained_model(finetune_dir(run["name"])), images[index:index + 1])[0]
+        show_slice(ax, images[index], pred, f"{init} ({run['name']})")
+    fig.suptitle(f"test slice {index} (median IoU of {best_init})", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,297 @@
+"""Stage 01 logic: patient-level splits and the 2D slice sets used by pretraining and segmentation.
+
+``prepare_dataset`` reads the sources through ``cmr_utils.readers``, splits the labelled source's patients
+into train / validation / test (never a patient in two splits), and writes, atomically, one folder::
+
+    split.csv                     patient, group, split (readable, stable across re-runs)
+    {train,val,test}_images.npy   (N, S, S) float32 in [0, 1], intensities normalised per volume
+    {train,val,test}_labels.npy   (N, S, S) uint8, 0 background 1 RV 2 MYO 3 LV
+    {train,val,test}_slices.csv   one row per slice: patient, phase, frame, slice, spacing (mm), ...
+    pool_images.npy               (M, S, S) float16: the unlabelled pretraining pool
+    pool_slices.csv               one row per pool slice: source, patient, phase, slice
+    manifest.json                 sources (folder, layout, content hash), parameters, counts
+
+The pool holds every cine frame of the labelled source where it has one (its labelled frames otherwise),
+for the train and validation patients only, plus every volume of the extra sources. It is stored as
+float16 to halve its size (a full ACDC cine pool at 224 px is several GB); batches are cast to float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .readers import CardiacVolume, DataError, Source
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def split_patients(patients: list[str], fractions: tuple[float, float, float], seed: int,
+                   groups: dict[str, str | None] | None = None) -> dict[str, list[str]]:
+    """Patient-level train/val/test split, deterministic in (patients, fractions, seed).
+
+    With ``groups`` (ACDC's pathology group), patients are interleaved across groups before the cut, so
+    that every split gets each group in about its overall proportion.
+    """
+    if len(set(patients)) != len(patients):
+        raise ValueError("split_patients: patient ids are not unique")
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split_patients: fractions must be three positive numbers summing to 1, got {fractions}")
+    if len(patients) < 3:
+        raise ValueError(f"split_patients: need at least 3 patients for train/val/test, got {len(patients)}")
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[str]] = {}
+    for p in sorted(patients):
+        by_group.setdefault(str((groups or {}).get(p)), []).append(p)
+    keyed = []
+    for members in by_group.values():
+        order = rng.permutation(len(members))
+        keyed += [((rank + 0.5) / len(members), rng.random(), members[i]) for rank, i in enumerate(order)]
+    ordered = [p for *_, p in sorted(keyed)]
+    n = len(ordered)
+    n_test = max(1, round(n * fractions[2]))
+    n_val = max(1, round(n * fractions[1]))
+    if n - n_test - n_val < 1:
+        raise ValueError(f"split_patients: {n} patients are too few for fractions {fractions}")
+    return {"test": sorted(ordered[:n_test]), "val": sorted(ordered[n_test:n_test + n_val]),
+            "train": sorted(ordered[n_test + n_val:])}
+
+
+# ---------------------------------------------------------------------------------------------- slices
+def normalise_volume(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Clip to the volume's [low, high] percentiles and scale to [0, 1] (robust to bright outliers)."""
+    lo, hi = np.percentile(image, [low, high])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def resize_volume(image: np.ndarray, label: np.ndarray | None, size: int, mode: str = "pad"):
+    """Make each slice square (``pad`` with zeros around, or ``crop`` the centre), then resize to ``size``.
+
+    The image is resized bilinearly with antialiasing, the label by nearest neighbour. Returns the resized
+    image, label and the factor by which the in-plane pixel spacing grew (new mm / old mm).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"resize: expected 'pad' or 'crop', got {mode!r}")
+    z, h, w = image.shape
+    side = max(h, w) if mode == "pad" else min(h, w)
+
+    def square(a, fill=0):
+        out = np.full((z, side, side), fill, dtype=a.dtype)
+        if mode == "pad":
+            y0, x0 = (side - h) // 2, (side - w) // 2
+            out[:, y0:y0 + h, x0:x0 + w] = a
+        else:
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            out[:] = a[:, y0:y0 + side, x0:x0 + side]
+        return out
+
+    img = torch.from_numpy(square(image))[:, None]
+    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
+    lab = None
+    if label is not None:
+        lab = torch.from_numpy(square(label).astype(np.int16))[:, None].float()
+        lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[:, 0].to(torch.uint8).numpy()
+    return img[:, 0].clamp(0, 1).numpy(), lab, side / size
+
+
+def _slice_rows(vol: CardiacVolume, factor: float) -> list[dict]:
+    z, h, w = vol.image.shape
+    sz, sy, sx = vol.spacing if vol.spacing is not None else (np.nan, np.nan, np.nan)
+    return [dict(patient=vol.patient, phase=vol.phase, frame=vol.frame, slice=k, n_slices=z,
+                 source=vol.source, group=vol.group, spacing_z=sz, spacing_y=sy * factor,
+                 spacing_x=sx * factor, orig_h=h, orig_w=w) for k in range(z)]
+
+
+def content_hash(files: list[Path], root: Path) -> str:
+    """SHA-256 over the relative names and bytes of ``files`` (the manifest's record of the source data)."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _atomic_dir(out_dir: Path):
+    """A temporary sibling folder; ``commit()`` swaps it in for ``out_dir``, ``abort()`` removes it."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def commit():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit, lambda: shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: int, resize: str,
+                    split_fractions: tuple[float, float, float], split_seed: int,
+                    parameters: dict | None = None) -> dict:
+    """Write the prepared slice sets of ``sources`` (the first one labelled) to ``out_dir``; return the manifest."""
+    if not sources:
+        raise ValueError("prepare_dataset: no data source given")
+    labelled, extras = sources[0], sources[1:]
+    if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
+        raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
+                        f"(1 RV, 2 MYO, 3 LV); layout {labelled.layout} has {labelled.labels}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, commit, abort = _atomic_dir(out_dir)
+    try:
+        patients = labelled.patients()
+        groups = {p: labelled.group(p) for p in patients}
+        split = split_patients(patients, split_fractions, split_seed, groups)
+        split_of = {p: s for s, members in split.items() for p in members}
+        pd.DataFrame({"patient": patients, "group": [groups[p] for p in patients],
+                      "split": [split_of[p] for p in patients]}).to_csv(tmp / "split.csv", index=False)
+
+        counts: dict[str, int] = {}
+        for name in SPLITS:
+            images, labels, rows = [], [], []
+            for vol in labelled.volumes(split[name]):
+                img, lab, factor = resize_volume(normalise_volume(vol.image), vol.label, image_size, resize)
+                images.append(img)
+                labels.append(lab)
+                rows += _slice_rows(vol, factor)
+            np.save(tmp / f"{name}_images.npy", np.concatenate(images))
+            np.save(tmp / f"{name}_labels.npy", np.concatenate(labels))
+            pd.DataFrame(rows).to_csv(tmp / f"{name}_slices.csv", index_label="index")
+            counts[f"{name}_slices"] = len(rows)
+            counts[f"{name}_patients"] = len(split[name])
+
+        pool, rows = [], []
+        pretrain_patients = split["train"] + split["val"]
+        for source, members in [(labelled, pretrain_patients)] + [(s, None) for s in extras]:
+            for vol in source.cine(members):
+                img, _, _ = resize_volume(normalise_volume(vol.image), None, image_size, resize)
+                pool.append(img.astype(np.float16))
+                rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
+                              phase=vol.phase, slice=k) for k in range(len(img))]
+        np.save(tmp / "pool_images.npy", np.concatenate(pool))
+        pd.DataFrame(rows).to_csv(tmp / "pool_slices.csv", index_label="index")
+        counts["pool_slices"] = len(rows)
+
+        manifest = {
+            "sources": [{"folder": str(s.folder), "layout": s.layout, "patients": len(s.patients()),
+                         "content_sha256": content_hash(s.files(), s.folder),
+                         "role": "labelled" if s is labelled else "pretraining only"} for s in sources],
+            "image_size": image_size, "resize": resize,
+            "split": {"fractions": list(split_fractions), "seed": split_seed},
+            "counts": counts, "parameters": parameters or {},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        commit()
+    except BaseException:
+        abort()
+        raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Prepared:
+    """Read access to a prepared folder; arrays are memory-mapped (an epoch does no per-file I/O)."""
+
+    folder: Path
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Prepared":
+        folder = Path(folder)
+        if not (folder / "manifest.json").is_file():
+            raise FileNotFoundError(f"{folder}: no prepared data (manifest.json missing); run stage 01 first")
+        return cls(folder)
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.folder / "manifest.json").read_text())
+
+    @property
+    def manifest_hash(self) -> str:
+        return hashlib.sha256((self.folder / "manifest.json").read_bytes()).hexdigest()
+
+    def split_table(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "split.csv", dtype={"patient": str})
+
+    def images(self, split: str) -> np.ndarray:
+        return np.load(self.folder / f"{self._check(split)}_images.npy", mmap_mode="r")
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.load(self.folder / f"{self._check(split)}_labels.npy", mmap_mode="r")
+
+    def slices(self, split: str) -> pd.DataFrame:
+        return pd.read_csv(self.folder / f"{self._check(split)}_slices.csv", index_col="index",
+                           dtype={"patient": str, "group": str})
+
+    def pool_images(self) -> np.ndarray:
+        return np.load(self.folder / "pool_images.npy", mmap_mode="r")
+
+    def pool_slices(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "pool_slices.csv", index_col="index", dtype={"patient": str})
+
+    @staticmethod
+    def _check(split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        return split
+
+
+def split_pool(pool: pd.DataFrame, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patient-level train/validation split of the pretraining pool -> (train indices, val indices)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"pretrain.val_fraction: expected a number in (0, 1), got {val_fraction}")
+    keys = (pool["folder"].astype(str) + "/" + pool["patient"].astype(str)).to_numpy()
+    unique = np.array(sorted(set(keys)))
+    if len(unique) < 2:
+        raise ValueError(f"the pretraining pool has {len(unique)} patient(s); need at least 2 for train/val")
+    rng = np.random.default_rng(seed)
+    n_val = min(len(unique) - 1, max(1, round(len(unique) * val_fraction)))
+    val = set(rng.permutation(unique)[:n_val])
+    is_val = np.array([k in val for k in keys])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def summary_table(prepared: Prepared) -> pd.DataFrame:
+    """Patients, slices and class pixel fractions per split (the stage's table for people)."""
+    rows = []
+    for name in SPLITS:
+        labels = prepared.labels(name)
+        counts = np.bincount(np.asarray(labels).ravel(), minlength=4)[:4] / labels.size
+        slices = prepared.slices(name)
+        rows.append({"split": name, "patients": slices["patient"].nunique(), "slices": len(slices),
+                     "background": counts[0], "RV": counts[1], "MYO": counts[2], "LV": counts[3]})
+    pool = prepared.pool_slices()
+    rows.append({"split": "pretraining pool", "patients": (pool["folder"] + pool["patient"]).nunique(),
+                 "slices": len(pool)})
+    return pd.DataFrame(rows).set_index("split")
+
+
+def data_sources(data: str | None, phantom: dict) -> list[Source]:
+    """The sources of a ``DATA=`` value (labelled first); empty -> the built-in phantom, made on first use."""
+    from .paths import parse_data, phantom_dir
+    from .phantom import ensure_phantom
+    from .readers import open_source
+
+    folders = parse_data(data)
+    if not folders:
+        root = phantom_dir(phantom["patients"], phantom["extra_cases"], phantom["frames"], phantom["seed"])
+        folders = list(ensure_phantom(root, n_patients=phantom["patients"], n_extra=phantom["extra_cases"],
+                                      seed=phantom["seed"], n_frames=phantom["frames"]))
+    return [open_source(f) for f in folders]

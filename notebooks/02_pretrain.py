@@ -1,0 +1,69 @@
+# %% [markdown]
+# # 02 · Self-supervised pretraining of the ResNet18 encoder (SimSiam or SwAV)
+#
+# **Inputs**: the unlabelled pretraining pool of stage 01 (no test patient is in it).
+# **Outputs**: `runs/<data>/<profile>/pretrain/<method>/encoder.pt` (a plain state_dict with the encoder key
+# names of segmentation-models-pytorch) and its JSON sidecar; `history.csv`; the loss-curve figure.
+# **Parameters**: `method` (`simsiam` or `swav`), and `params/<profile>.yaml`, section `pretrain`.
+#
+# The pool is split by patient into training and validation; training stops early on the validation loss. A
+# collapse monitor (the standard deviation of the l2-normalised embeddings, about $1/\sqrt{d}$ when healthy,
+# near 0 when every image maps to the same point) is logged every epoch.
+
+# %% tags=["parameters"]
+profile = "default"
+data = ""
+method = "simsiam"
+
+# %%
+import json
+
+from cmr_utils import paths, plots, ssl
+from cmr_utils.params import load_profile
+from cmr_utils.prepare import Prepared, split_pool
+
+params = load_profile(profile)
+cfg = params["pretrain"]
+ws = paths.workspace(profile, data)
+ssl.get_method(method)  # fails early, listing the known methods
+prepared = Prepared.open(ws.prepared)
+pool, pool_slices = prepared.pool_images(), prepared.pool_slices()
+train_idx, val_idx = split_pool(pool_slices, cfg["val_fraction"], cfg["seed"])
+print(f"pool: {len(pool)} slices; {len(train_idx)} for training, {len(val_idx)} for validation "
+      f"({pool_slices.iloc[val_idx]['patient'].nunique()} validation patients)")
+
+# %%
+out = ws.pretrain_dir(method)
+result = ssl.train_ssl(
+    method, pool[train_idx], pool[val_idx], out,
+    image_size=params["data"]["image_size"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
+    patience=cfg["patience"], lr=cfg["lr"], seed=cfg["seed"], num_workers=params["trainer"]["num_workers"],
+    trainer_kwargs={k: params["trainer"][k] for k in ("accelerator", "devices", "precision", "strategy")},
+    method_kwargs=cfg[method],
+)
+history = result["history"]
+history.to_csv(out / "history.csv", index=False)
+history
+
+# %%
+if result["collapsed"]:
+    print(f"WARNING: {method} COLLAPSED — the embeddings' spread is {history['embedding_std_ratio'].iloc[-1]:.3f} "
+          "x 1/sqrt(d) (healthy is about 1). The encoder is exported anyway; treat its results with suspicion.")
+else:
+    print(f"{method}: no collapse (embedding std ratio {history['embedding_std_ratio'].iloc[-1]:.2f} x 1/sqrt(d))")
+
+# %%
+ssl.save_encoder(result["backbone_state"], ws.encoder_path(method), {
+    "method": method, "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+    "best_val_loss": result["best_val_loss"], "collapsed": result["collapsed"], "parameters": cfg,
+    "image_size": params["data"]["image_size"], "data_manifest_sha256": prepared.manifest_hash,
+    "pool_slices": {"train": len(train_idx), "val": len(val_idx)},
+})
+print(json.dumps(json.loads(ws.encoder_path(method).with_suffix(".json").read_text()), indent=1)[:600])
+
+# %% [markdown]
+# ## Loss curves (train and validation loss per epoch)
+
+# %%
+fig = plots.loss_curves({method: history}, f"{method} pretraining loss")
+fig.savefig(ws.figure(f"pretrain_loss_{method}.png"), dpi=120, bbox_inches="tight")

@@ -1,0 +1,60 @@
+# %% [markdown]
+# # 03 · Fine-tuning one run: FPN-ResNet18 on a label budget
+#
+# **Inputs**: the prepared slices of stage 01; for `simsiam` / `swav` runs, the encoder of stage 02.
+# **Outputs**: `runs/<data>/<profile>/finetune/<run>/`: `model.pt` (the epoch with the best validation IoU),
+# `history.csv`, `labelled_slices.csv` (the run's label budget) and `result.json`.
+# **Parameters**: `run` = `{init}-{budget}-s{seed}` and `params/<profile>.yaml`, sections `finetune`, `trainer`.
+#
+# The label budget is drawn from the training split only, nested across budgets for a given seed (150 within
+# 500 within 700 within 1200). The validation split chooses the epoch; the test split is not touched here.
+
+# %% tags=["parameters"]
+profile = "default"
+data = ""
+run = "random-all-s0"
+
+# %%
+from cmr_utils import paths
+from cmr_utils.finetune import sample_budgets, train_segmentation, write_json_atomic
+from cmr_utils.models import SSL_INITS, WeightsUnavailable
+from cmr_utils.params import load_profile
+from cmr_utils.plan import finetune_runs
+from cmr_utils.prepare import Prepared
+
+params = load_profile(profile)
+cfg = params["finetune"]
+plan = {r["name"]: r for r in finetune_runs(params)}
+if run not in plan:
+    raise ValueError(f"run {run!r} is not in profile {profile!r}; expected one of {sorted(plan)}")
+init, budget, seed = plan[run]["init"], plan[run]["budget"], plan[run]["seed"]
+ws = paths.workspace(profile, data)
+out = ws.finetune_dir(run)
+out.mkdir(parents=True, exist_ok=True)
+prepared = Prepared.open(ws.prepared)
+
+# %%
+train_slices = prepared.slices("train")
+budgets = sample_budgets(len(train_slices), cfg["budgets"], seed)
+indices = budgets[budget]
+train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
+frozen = len(indices) < cfg["freeze_below"]
+batch_size = cfg["batch_size_all"] if budget == "all" else cfg["batch_size_budget"]
+print(f"{run}: {len(indices)} labelled slices from {train_slices.iloc[indices]['patient'].nunique()} patients; "
+      f"encoder {'frozen' if frozen else 'trained'}; batch size {batch_size}")
+
+# %%
+try:
+    result = train_segmentation(
+        prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
+        init=init, indices=indices, seed=seed, epochs=cfg["epochs"], batch_size=batch_size, lr=cfg["lr"],
+        freeze_encoder=frozen, flips=cfg["flips"], trainer=params["trainer"],
+        encoder_path=ws.encoder_path(init) if init in SSL_INITS else None,
+    )
+except WeightsUnavailable as err:
+    # recorded, not hidden: the report lists this initialisation as unavailable (never trained from random)
+    result = {"status": "unavailable", "init": init, "seed": seed, "reason": str(err)}
+    print(f"UNAVAILABLE: {err}")
+result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash)
+write_json_atomic(out / "result.json", result)
+result

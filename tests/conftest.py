@@ -1,0 +1,38 @@
+"""Shared fixtures: synthetic data written by the tests themselves, and the real data where the environment
+names it (CMR_ACDC_DIR, CMR_LA2018_DIR; see README)."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _outputs_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test writes its data, runs and reports under a temporary root, never into the project."""
+    monkeypatch.setenv("CMR_OUTPUT_ROOT", str(tmp_path_factory.getbasetemp() / "outputs"))
+    monkeypatch.setenv("CMR_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def phantom_sources(tmp_path_factory):
+    """A small phantom in the official ACDC NIfTI layout plus a Decathlon-style extra source."""
+    from cmr_utils.phantom import ensure_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    return ensure_phantom(root, n_patients=6, n_extra=2, seed=3, n_frames=4)
+
+
+def real_dir(variable: str) -> Path:
+    value = os.environ.get(variable)
+    if not value:
+        pytest.skip(f"{variable} is not set (point it at the real data to run this test)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"{variable}={value} is not a folder")
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

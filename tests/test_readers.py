@@ -1,0 +1,192 @@
+"""The one reader interface over four layouts, on files the tests write (real NIfTI headers, HDF5 in both
+axis orders), on the phantom, and on the real data where CMR_ACDC_DIR / CMR_LA2018_DIR name it."""
+import json
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cmr_utils.readers import DataError, detect_layout, open_source, parse_info_cfg
+from conftest import real_dir
+
+
+def volume(rng, shape=(5, 24, 20)):
+    return rng.random(shape).astype(np.float32)
+
+
+def labels(rng, shape=(5, 24, 20), top=3):
+    return rng.integers(0, top + 1, shape).astype(np.uint8)
+
+
+def write_nifti(path, zyx, spacing_zyx=(8.0, 1.5, 1.25), dtype=None):
+    data = np.transpose(zyx, (2, 1, 0)) if zyx.ndim == 3 else np.transpose(zyx, (3, 2, 1, 0))
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    img = nib.Nifti1Image(data.astype(dtype or data.dtype), affine)
+    img.header.set_zooms((spacing_zyx[2], spacing_zyx[1], spacing_zyx[0]) + ((25.0,) if zyx.ndim == 4 else ()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def write_acdc_patient(root, rng, pid="patient001", ed=1, es=3, frames=4, shape=(5, 24, 20)):
+    cine = rng.random((frames, *shape)).astype(np.float32)
+    d = root / pid
+    write_nifti(d / f"{pid}_4d.nii.gz", cine)
+    for f in (ed, es):
+        write_nifti(d / f"{pid}_frame{f:02d}.nii.gz", cine[f - 1])
+        write_nifti(d / f"{pid}_frame{f:02d}_gt.nii.gz", labels(rng, shape), dtype=np.uint8)
+    (d / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: DCM\nHeight: 170.0\nNbFrame: {frames}\nWeight: 70.0\n")
+    return cine
+
+
+def test_acdc_nifti_layout_spacing_and_cine(tmp_path, rng):
+    cine = write_acdc_patient(tmp_path, rng, "patient001")
+    write_acdc_patient(tmp_path, rng, "patient002")
+    src = open_source(tmp_path)
+    assert src.layout == "acdc-nifti" and src.patients() == ["patient001", "patient002"]
+    vols = list(src.volumes(["patient001"]))
+    assert [(v.phase, v.frame) for v in vols] == [("ED", 1), ("ES", 3)]
+    ed = vols[0]
+    assert ed.image.shape == (5, 24, 20) and ed.label.shape == (5, 24, 20) and ed.label.dtype == np.uint8
+    np.testing.assert_allclose(ed.image, cine[0])  # (Z, Y, X) round trip through nibabel's (X, Y, Z)
+    assert ed.spacing == pytest.approx((8.0, 1.5, 1.25)) and ed.group == "DCM"
+    frames = list(src.cine(["patient001"]))
+    assert [v.phase for v in frames] == ["F01", "F02", "F03", "F04"] and all(v.label is None for v in frames)
+    np.testing.assert_allclose(frames[2].image, cine[2])
+
+
+def test_acdc_h5_layout_z_first_ed_is_lower_frame(tmp_path, rng):
+    for frame in (4, 11):
+        with h5py.File(tmp_path / f"patient007_frame{frame:02d}.h5", "w") as f:
+            f["image"] = np.full((3, 16, 12), frame, np.float32) + volume(rng, (3, 16, 12))
+            f["label"] = labels(rng, (3, 16, 12))
+            f["scribble"] = np.zeros((3, 16, 12), np.uint16)
+    src = open_source(tmp_path)
+    assert src.layout == "acdc-h5"
+    ed, es = src.volumes()
+    assert (ed.phase, ed.frame, es.phase, es.frame) == ("ED", 4, "ES", 11)
+    assert ed.image.shape == (3, 16, 12) and ed.spacing is None and ed.image.mean() < es.image.mean()
+
+
+def test_decathlon_layout(tmp_path, rng):
+    img = volume(rng, (6, 20, 18))
+    write_nifti(tmp_path / "imagesTr" / "la_003.nii.gz", img, (1.37, 1.25, 1.25))
+    write_nifti(tmp_path / "labelsTr" / "la_003.nii.gz", labels(rng, (6, 20, 18), top=1), (1.37, 1.25, 1.25), np.uint8)
+    (tmp_path / "imagesTr" / "._la_003.nii.gz").write_bytes(b"macOS resource fork")  # must be ignored
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "left atrium"}}))
+    src = open_source(tmp_path)
+    assert src.layout == "decathlon" and src.patients() == ["la_003"]
+    (v,) = src.volumes()
+    np.testing.assert_allclose(v.image, img)
+    assert v.label.max() == 1 and v.spacing == pytest.approx((1.37, 1.25, 1.25))
+
+
+def test_la2018_layout_z_last(tmp_path, rng):
+    xyz = volume(rng, (20, 18, 6))
+    (tmp_path / "CASE01").mkdir()
+    with h5py.File(tmp_path / "CASE01" / "mri_norm2.h5", "w") as f:
+        f["image"] = xyz
+        f["label"] = labels(rng, (20, 18, 6), top=1)
+    (v,) = open_source(tmp_path).volumes()
+    assert v.image.shape == (6, 18, 20)
+    np.testing.assert_allclose(v.image[2], xyz[:, :, 2].T)  # axial slice k is image[:, :, k]
+
+
+def test_phantom_is_read_as_official_acdc(phantom_sources):
+    acdc, extra = (open_source(p) for p in phantom_sources)
+    assert acdc.layout == "acdc-nifti" and extra.layout == "decathlon"
+    v = next(acdc.volumes())
+    assert set(np.unique(v.label)) == {0, 1, 2, 3} and v.spacing[0] >= 5 and 1.2 <= v.spacing[1] <= 1.9
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_empty_and_unknown_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(tmp_path / "nope")
+    with pytest.raises(DataError, match="empty"):
+        open_source(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="unrecognised data layout.*acdc-nifti.*acdc-h5.*decathlon.*la2018-h5"):
+        detect_layout(tmp_path)
+
+
+def test_shape_mismatch_names_the_label_file(tmp_path, rng):
+    write_acdc_patient(tmp_path, rng)
+    gt = tmp_path / "patient001" / "patient001_frame03_gt.nii.gz"
+    write_nifti(gt, labels(rng, (5, 24, 18)), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"patient001_frame03_gt.nii.gz: label shape \(5, 24, 18\) does not match"):
+        list(open_source(tmp_path).volumes())
+
+
+def test_labels_outside_the_source_set(tmp_path, rng):
+    write_acdc_patient(tmp_path, rng)
+    write_nifti(tmp_path / "patient001" / "patient001_frame01_gt.nii.gz", labels(rng, top=5), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"frame01_gt.nii.gz: label values \[4, 5\] outside"):
+        list(open_source(tmp_path).volumes())
+
+
+def test_corrupt_and_truncated_files(tmp_path, rng):
+    write_acdc_patient(tmp_path, rng)
+    path = tmp_path / "patient001" / "patient001_frame01.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    with pytest.raises(DataError, match="patient001_frame01.nii.gz: cannot read NIfTI"):
+        list(open_source(tmp_path).volumes())
+    h5dir = tmp_path / "h5"
+    h5dir.mkdir()
+    (h5dir / "patient001_frame01.h5").write_bytes(b"not hdf5 at all")
+    (h5dir / "patient001_frame12.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="patient001_frame01.h5: cannot read HDF5"):
+        list(open_source(h5dir).volumes())
+
+
+def test_nan_and_constant_images(tmp_path, rng):
+    for name, value in (("nan", np.nan), ("const", 0.5)):
+        d = tmp_path / name
+        d.mkdir()
+        for frame in (1, 9):
+            with h5py.File(d / f"patient001_frame{frame:02d}.h5", "w") as f:
+                f["image"] = np.full((2, 8, 8), value, np.float32)
+                f["label"] = np.zeros((2, 8, 8), np.uint8)
+    with pytest.raises(DataError, match="frame01.h5: image contains NaN"):
+        list(open_source(tmp_path / "nan").volumes())
+    with pytest.raises(DataError, match="frame01.h5: image is constant"):
+        list(open_source(tmp_path / "const").volumes())
+
+
+def test_info_cfg_errors(tmp_path):
+    cfg = tmp_path / "Info.cfg"
+    cfg.write_text("ED: one\nES: 12\n")
+    with pytest.raises(DataError, match="integer 'ED:'"):
+        parse_info_cfg(cfg)
+    cfg.write_text("ED 1\n")
+    with pytest.raises(DataError, match="Info.cfg:1: expected 'Key: value'"):
+        parse_info_cfg(cfg)
+
+
+def test_reading_never_modifies_the_source(tmp_path, rng):
+    write_acdc_patient(tmp_path, rng)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    src = open_source(tmp_path)
+    list(src.volumes()), list(src.cine())
+    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ real data
+def test_real_acdc():
+    src = open_source(real_dir("CMR_ACDC_DIR"))
+    patients = src.patients()
+    assert src.layout in ("acdc-h5", "acdc-nifti") and len(patients) >= 10
+    vols = list(src.volumes(patients[:2]))
+    assert [v.phase for v in vols] == ["ED", "ES", "ED", "ES"]
+    for v in vols:
+        assert v.image.ndim == 3 and 6 <= v.image.shape[0] <= 25 and v.label.shape == v.image.shape
+        assert set(np.unique(v.label)) <= {0, 1, 2, 3} and {1, 2, 3} <= set(np.unique(v.label))
+    ed_lv, es_lv = ((v.label == 3).sum() for v in vols[:2])
+    assert ed_lv > es_lv  # the LV cavity is larger at end-diastole
+
+
+def test_real_la2018():
+    src = open_source(real_dir("CMR_LA2018_DIR"))
+    assert src.layout == "la2018-h5" and len(src.patients()) >= 5
+    v = next(src.volumes(src.patients()[:1]))
+    assert v.image.shape[0] == 88 and set(np.unique(v.label)) == {0, 1}
