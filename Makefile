@@ -65,12 +65,12 @@ REPORT = $(EXE)/05_report.ipynb
 define papermill
 @mkdir -p $(@D)
 @echo "[$(PROFILE)/$(TAG)] $(notdir $@)"
-$(PY) -m jupytext --quiet --to ipynb -o $@.src.ipynb notebooks/$(1).py
-$(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --log-level WARNING --no-progress-bar \
+@$(PY) -m jupytext --quiet --to ipynb -o $@.src.ipynb notebooks/$(1).py
+@$(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
 	-p profile $(PROFILE) -p data "$(DATA)" $(2) \
-	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null; rm -f $@.src.ipynb; exit 1; }
-rm -f $@.src.ipynb $(@:.ipynb=.failed.ipynb)
-mv $@.tmp.ipynb $@
+	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; rm -f $@.src.ipynb; exit 1; }
+@rm -f $@.src.ipynb $(@:.ipynb=.failed.ipynb)
+@mv $@.tmp.ipynb $@
 endef
 
 prepare: $(PREP) ## stage 01: patient-level splits and slice sets

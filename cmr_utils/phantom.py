@@ -481,7 +481,8 @@ def _ensure_dataset(target: Path, write, expected: dict) -> Path:
     return target
 
 
-def ensure_phantom(root, n_patients: int = 20, n_extra: int = 4, seed: int = 0) -> tuple[Path, Path]:
+def ensure_phantom(root, n_patients: int = 20, n_extra: int = 4, seed: int = 0,
+                   n_frames: int = 12) -> tuple[Path, Path]:
     """Return (root/"acdc", root/"decathlon"), generating each phantom only if missing, atomically.
 
     An existing folder is reused only if its ``phantom.json`` matches the arguments; otherwise ValueError.
@@ -490,10 +491,11 @@ def ensure_phantom(root, n_patients: int = 20, n_extra: int = 4, seed: int = 0) 
     n_patients = _check_int(n_patients, "n_patients", 1, 999)
     n_extra = _check_int(n_extra, "n_extra", 1, 999)
     seed = _check_int(seed, "seed", 0)
+    n_frames = _check_int(n_frames, "n_frames", 3, 99)
     acdc = _ensure_dataset(
-        root / "acdc", lambda folder: write_acdc_phantom(folder, n_patients=n_patients, seed=seed),
+        root / "acdc", lambda folder: write_acdc_phantom(folder, n_patients=n_patients, seed=seed, n_frames=n_frames),
         {"generator": "cmr_utils.phantom.write_acdc_phantom", "format_version": _FORMAT_VERSION,
-         "n_patients": n_patients, "seed": seed, "n_frames": 12})
+         "n_patients": n_patients, "seed": seed, "n_frames": n_frames})
     decathlon = _ensure_dataset(
         root / "decathlon", lambda folder: write_decathlon_phantom(folder, n_cases=n_extra, seed=seed),
         {"generator": "cmr_utils.phantom.write_decathlon_phantom", "format_version": _FORMAT_VERSION,

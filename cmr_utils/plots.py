@@ -39,8 +39,11 @@ def sample_slices(prepared, sources, per_source: int = 4):
         vol = next(source.volumes(source.patients()[:1]))
         image = normalise_volume(vol.image)
         picks = np.linspace(0.2, 0.8, per_source) * (len(image) - 1)
+        label = vol.label
+        if label is not None and source.labels != {1: "RV", 2: "MYO", 3: "LV"}:
+            label = np.where(label > 0, 4, 0)  # other structures (left atrium) drawn in yellow
         for ax, k in zip(row, picks.round().astype(int)):
-            show_slice(ax, image[k], None if vol.label is None else vol.label[k],
+            show_slice(ax, image[k], None if label is None else label[k],
                        f"{source.layout}: {vol.patient} {vol.phase} z={k}")
     fig.suptitle("Sample slices per source (RV red, MYO green, LV blue; LA yellow)", fontsize=10)
     fig.tight_layout()

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python (cmr-ssl)
+#     language: python
+#     name: cmr-ssl
+# ---
+
 # %% [markdown]
 # # 01 · Data preparation: patient-level splits and 2D slice sets
 #

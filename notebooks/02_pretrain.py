@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python (cmr-ssl)
+#     language: python
+#     name: cmr-ssl
+# ---
+
 # %% [markdown]
 # # 02 · Self-supervised pretraining of the ResNet18 encoder (SimSiam or SwAV)
 #

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python (cmr-ssl)
+#     language: python
+#     name: cmr-ssl
+# ---
+
 # %% [markdown]
 # # 03 · Fine-tuning one run: FPN-ResNet18 on a label budget
 #

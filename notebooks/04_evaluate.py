@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python (cmr-ssl)
+#     language: python
+#     name: cmr-ssl
+# ---
+
 # %% [markdown]
 # # 04 · Evaluation on the test split: the study's IoU, ACDC's metrics, statistics across seeds
 #

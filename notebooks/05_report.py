@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python (cmr-ssl)
+#     language: python
+#     name: cmr-ssl
+# ---
+
 # %% [markdown]
 # # Self-supervised pretraining for cardiac MRI segmentation — report
 #

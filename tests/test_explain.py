@@ -101,6 +101,8 @@ def test_cam_runs_under_no_grad_and_inference_mode_and_leaves_model_as_it_was(mo
     for p in model.encoder.parameters():
         p.requires_grad_(False)  # a frozen encoder must be explainable too
     model.decoder.train()  # a mixed mode must survive
+    head = model.segmentation_head[0].weight
+    head.grad = torch.full_like(head, 7.0)  # a gradient left by a training step must survive
     try:
         with torch.inference_mode():
             tensor_input = torch.from_numpy(images[:2, None])
@@ -113,8 +115,10 @@ def test_cam_runs_under_no_grad_and_inference_mode_and_leaves_model_as_it_was(mo
         assert model.decoder.training and not model.encoder.training
         assert not any(p.requires_grad for p in model.encoder.parameters())
         assert all(p.requires_grad for p in model.decoder.parameters())
-        assert all(p.grad is None for p in model.parameters())
+        assert torch.equal(head.grad, torch.full_like(head, 7.0))
+        assert all(p.grad is None for p in model.parameters() if p is not head)
     finally:
+        head.grad = None
         for p in model.encoder.parameters():
             p.requires_grad_(True)
         model.eval()

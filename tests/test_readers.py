@@ -106,7 +106,7 @@ def test_missing_empty_and_unknown_folders(tmp_path):
     with pytest.raises(DataError, match="empty"):
         open_source(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="unrecognised data layout.*acdc-nifti.*acdc-h5.*decathlon.*la2018-h5"):
+    with pytest.raises(DataError, match="(?s)unrecognised data layout.*acdc-nifti.*acdc-h5.*decathlon.*la2018-h5"):
         detect_layout(tmp_path)
 
 

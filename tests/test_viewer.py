@@ -94,8 +94,9 @@ def test_slice_range_follows_patient_and_phase(fake_viewer):
     view, _ = fake_viewer
     view.phase.value = "ES"
     assert list(view.slice.options) == [0, 1] and view.state["index"] in (3, 4)
+    view.slice.value = 1
     redraws = view.n_redraws
-    view.patient.value = "B"
+    view.patient.value = "B"  # phase ES -> ED and slice 1 -> 0 follow
     assert view.n_redraws == redraws + 1  # one redraw for the whole cascade
     assert list(view.phase.options) == ["ED"] and list(view.slice.options) == [0]
     assert view.state["index"] == 5

@@ -1,0 +1,132 @@
+"""Pretraining throughput: images per second of SimSiam and SwAV training steps (forward, backward,
+optimiser step) on a ResNet18 backbone, plus the CPU cost of making the views.
+
+Each timed step runs on one fixed batch of already-augmented views, so the figure is the model's speed,
+not the data loader's; the "aug slices/s" column is the single-process speed of the view transform,
+to compare against (with num_workers=0 a training step costs both).
+
+    python benchmarks/bench_pretrain.py                       # CPU, 2 threads, 64 and 128 px
+    python benchmarks/bench_pretrain.py --size 64
+    python benchmarks/bench_pretrain.py --size 224 --device cuda --bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from cmr_utils import ssl
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs="+", default=[64, 128], help="image sizes in pixels")
+    parser.add_argument("--methods", nargs="+", default=sorted(ssl.METHODS), choices=sorted(ssl.METHODS))
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per step")
+    parser.add_argument("--n-local", type=int, default=6, help="SwAV local crops per slice")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible to torch")
+    for name in ("batch_size", "warmup", "steps", "threads"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_size < 2:
+        parser.error("--batch-size must be >= 2 (BatchNorm in the heads)")
+    return args
+
+
+def synthetic_slices(n: int, size: int) -> torch.Tensor:
+    """Noise with a bright disc, (n, 1, size, size) in [0, 1]: content does not change the speed."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 6) ** 2).astype(np.float32)
+    images = np.clip(0.2 * rng.random((n, size, size), dtype=np.float32) + 0.7 * disc, 0.0, 1.0)
+    return torch.from_numpy(images)[:, None]
+
+
+def make_views(method: str, size: int, args: argparse.Namespace) -> tuple[list[torch.Tensor], float]:
+    """One batch of views (list of (B, 1, h, w)) and the transform's speed in slices per second."""
+    transform_kwargs = {"n_local": args.n_local} if method == "swav" else {}
+    transform = ssl.get_method(method)["transform"](size, **transform_kwargs)
+    slices = synthetic_slices(args.batch_size, size)
+    start = time.perf_counter()
+    per_slice = [transform(image) for image in slices]
+    aug_rate = len(slices) / (time.perf_counter() - start)
+    views = [torch.stack(group) for group in zip(*per_slice)]
+    return views, aug_rate
+
+
+def time_method(method: str, size: int, args: argparse.Namespace) -> dict[str, float]:
+    device = torch.device(args.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    views, aug_rate = make_views(method, size, args)
+    views = [v.to(device).contiguous(memory_format=memory_format) for v in views]
+    torch.manual_seed(0)
+    module = ssl.get_method(method)["model"]().to(device).to(memory_format=memory_format).train()
+    configured = module.configure_optimizers()
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss, _ = module.compute_loss(views)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    durations = []
+    for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+    median = statistics.median(durations)
+    return {
+        "views": len(views),
+        "step_ms": 1000 * median,
+        "min_ms": 1000 * min(durations),
+        "max_ms": 1000 * max(durations),
+        "slices_per_s": args.batch_size / median,
+        "views_per_s": args.batch_size * len(views) / median,
+        "aug_slices_per_s": aug_rate,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"torch {torch.__version__} | {name} | batch {args.batch_size} slices | "
+        f"{'bf16' if args.bf16 else 'fp32'} | {'channels_last' if args.channels_last else 'NCHW'} | "
+        f"median of {args.steps} steps after {args.warmup} warm-up | SwAV: 2 global + {args.n_local} local crops"
+    )
+    header = f"{'method':<8} {'size':>5} {'views':>5} {'step ms':>9} {'min-max ms':>15} {'slices/s':>9} {'views/s':>9} {'aug slices/s':>13}"
+    print(header)
+    print("-" * len(header))
+    for size in args.size:
+        for method in args.methods:
+            r = time_method(method, size, args)
+            print(
+                f"{method:<8} {size:>5} {r['views']:>5} {r['step_ms']:>9.1f} "
+                f"{r['min_ms']:>7.0f}-{r['max_ms']:<7.0f} {r['slices_per_s']:>9.1f} "
+                f"{r['views_per_s']:>9.1f} {r['aug_slices_per_s']:>13.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The notebooks: paired and clean, and the whole compendium executed headless through `make report` with the
+tiny profile on the phantom (Papermill, the registered kernel, the dependency graph)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from cmr_utils.paths import NOTEBOOKS_DIR, PROJ_ROOT, workspace
+
+PY_FILES = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def test_every_notebook_is_paired_in_sync_and_without_outputs():
+    assert [p.stem[:2] for p in PY_FILES] == ["01", "02", "03", "04", "05", "06"]
+    for py in PY_FILES:
+        ipynb = py.with_suffix(".ipynb")
+        assert ipynb.exists(), f"{ipynb} missing: run `make sync`"
+        stored = nbformat.read(ipynb, as_version=4)
+        for cell in stored.cells:
+            assert cell.get("outputs", []) == [] and cell.get("execution_count") is None, f"{ipynb} has outputs"
+        from_py = jupytext.read(py)
+        assert [(c.cell_type, c.source) for c in from_py.cells] == [(c.cell_type, c.source) for c in stored.cells], \
+            f"{py.name} and {ipynb.name} differ: run `make sync`"
+        tags = [c.metadata.get("tags", []) for c in from_py.cells]
+        assert sum("parameters" in t for t in tags) == 1, f"{py.name}: exactly one 'parameters' cell"
+
+
+def make(*args, env=None, check=True):
+    cmd = ["make", "--no-print-directory", *args]
+    done = subprocess.run(cmd, cwd=PROJ_ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    make("report", "PROFILE=tiny")
+    return workspace("tiny", "")
+
+
+def test_make_report_tiny_produces_every_output(tiny_report):
+    ws = tiny_report
+    executed = sorted(p.name for p in ws.executed.glob("*.ipynb"))
+    assert executed[:3] == ["01_prepare_data.ipynb", "02_pretrain-simsiam.ipynb", "02_pretrain-swav.ipynb"]
+    assert "03_finetune-simsiam-8-s0.ipynb" in executed and "06_explain.ipynb" in executed
+    assert not [n for n in executed if n.endswith((".tmp.ipynb", ".failed.ipynb", ".src.ipynb"))]
+    for name in ("data_samples.png", "pretrain_loss_simsiam.png", "pretrain_loss_both.png", "validation_curves.png",
+                 "budget_curve.png", "ef_agreement.png", "sample_prediction.png"):
+        assert (ws.figures / name).stat().st_size > 1000, name
+    for name in ("data_summary.csv", "iou_by_init.csv", "iou_by_budget.csv", "acdc_metrics.csv",
+                 "ef_agreement.csv", "paired_comparisons.csv", "xai_summary.csv"):
+        assert (ws.tables / name).exists(), name
+    html = ws.report_html.read_text()
+    for text in ("Colophon", "imagenet: unavailable", "resnet18-f37072fd.pth", "Seg-Grad-CAM", "Label budgets"):
+        assert text in html, text
+    assert (ws.root / "reports" / "report.html").resolve() == ws.report_html.resolve()
+
+
+def test_second_make_report_does_nothing(tiny_report):
+    assert make("-q", "report", "PROFILE=tiny", check=False).returncode == 0
+
+
+def test_a_failed_stage_leaves_no_finished_output(tmp_path):
+    (tmp_path / "notes.txt").write_text("not cardiac MRI")
+    done = make("prepare", "PROFILE=tiny", f"DATA={tmp_path}", check=False)
+    assert done.returncode != 0
+    ws = workspace("tiny", str(tmp_path))
+    assert not (ws.executed / "01_prepare_data.ipynb").exists() and not ws.prepared.exists()
+    failed = ws.executed / "01_prepare_data.failed.ipynb"
+    assert failed.exists() and "unrecognised data layout" in failed.read_text()

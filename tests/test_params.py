@@ -1,0 +1,86 @@
+"""Parameter profiles and the paths contract."""
+import copy
+
+import pytest
+import yaml
+
+from cmr_utils import params as P
+from cmr_utils.paths import data_tag, run_name, workspace
+from cmr_utils.plan import finetune_runs, make_variables
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default", "paper"])
+def test_shipped_profiles_are_valid(profile):
+    P.load_profile(profile)
+
+
+def test_paper_profile_holds_the_study_protocol():
+    p = P.load_profile("paper")
+    assert p["data"]["image_size"] == 224
+    ft = p["finetune"]
+    assert ft["epochs"] == 40 and ft["lr"] == 1e-4 and ft["freeze_below"] == 1000 and ft["flips"]
+    assert ft["budgets"] == ["all", 1200, 700, 500, 150] and ft["batch_size_all"] == 128
+    assert ft["batch_size_budget"] == 32 and set(ft["inits"]) == {"random", "imagenet", "simsiam", "swav"}
+
+
+def mutate(path, value):
+    p = copy.deepcopy(P.load_profile("tiny"))
+    node = p
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return p
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("finetune", "epochs"), "40", r"finetune.epochs: expected int, got str '40'"),
+    (("finetune", "flips"), 1, r"finetune.flips: expected bool, got int"),
+    (("finetune", "epochs"), True, r"finetune.epochs: expected int, got bool"),
+    (("data", "resize"), "stretch", r"data.resize: expected one of \['crop', 'pad'\]"),
+    (("data", "image_size"), 100, "multiple of 32"),
+    (("finetune", "inits"), ["random", "moco"], "unknown initialisation 'moco'"),
+    (("finetune", "budgets"), ["all", -5], "finetune.budgets"),
+    (("pretrain", "methods"), ["byol"], "unknown method 'byol'"),
+    (("data", "split"), {"train": 0.5, "val": 0.5, "test": 0.5, "seed": 0}, "sum to 1"),
+])
+def test_wrong_parameters_are_named(path, value, message):
+    with pytest.raises(P.ParameterError, match=message):
+        P.validate(mutate(path, value), "params/x.yaml")
+
+
+def test_missing_and_unknown_keys(tmp_path, monkeypatch):
+    p = P.load_profile("tiny")
+    del p["trainer"]["precision"]
+    with pytest.raises(P.ParameterError, match=r"trainer: missing key\(s\) \['precision'\]"):
+        P.validate(p)
+    p = P.load_profile("tiny")
+    p["finetune"]["epoch"] = 3
+    with pytest.raises(P.ParameterError, match=r"unknown key\(s\) \['epoch'\]"):
+        P.validate(p)
+    monkeypatch.setattr(P, "PARAMS_DIR", tmp_path)
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(P.ParameterError, match="broken.yaml: not valid YAML"):
+        P.load_profile("broken")
+    with pytest.raises(P.ParameterError, match="no file .*nothere.yaml; known profiles: \\['broken'\\]"):
+        P.load_profile("nothere")
+
+
+def test_paths_keep_data_and_profiles_apart(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert data_tag("") == "phantom"
+    tag_a, tag_b = data_tag(str(tmp_path / "a")), data_tag(str(tmp_path / "b"))
+    assert tag_a.startswith("a-") and tag_a != tag_b and tag_a == data_tag(str(tmp_path / "a") + "/")
+    assert data_tag(f"{tmp_path / 'a'},{tmp_path / 'b'}") not in (tag_a, tag_b)
+    assert workspace("tiny", "").runs != workspace("default", "").runs
+    assert workspace("tiny", str(tmp_path / "a")).reports != workspace("tiny", "").reports
+    with pytest.raises(FileNotFoundError, match="DATA folder .*missing does not exist"):
+        data_tag(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="profile: expected a profile name"):
+        workspace("../etc", "")
+
+
+def test_plan_names_every_run_deterministically():
+    runs = finetune_runs(P.load_profile("tiny"))
+    assert [r["name"] for r in runs][:2] == ["random-all-s0", "random-8-s0"] and run_name("swav", 150, 2) == "swav-150-s2"
+    text = make_variables("tiny", "")
+    assert "RUNS := random-all-s0 random-8-s0 imagenet-all-s0" in text and "METHODS := simsiam swav" in text

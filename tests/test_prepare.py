@@ -1,0 +1,143 @@
+"""Patient-level splits and the prepared slice sets, on the phantom and (where named) the real ACDC data."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmr_utils.prepare import (Prepared, normalise_volume, prepare_dataset, resize_volume, split_patients,
+                               split_pool, summary_table)
+from cmr_utils.readers import DataError, open_source
+from conftest import real_dir
+
+PATIENTS = [f"patient{i:03d}" for i in range(1, 41)]
+
+
+def test_split_is_a_partition_deterministic_and_proportional():
+    groups = {p: ["NOR", "DCM", "HCM", "MINF"][i % 4] for i, p in enumerate(PATIENTS)}
+    split = split_patients(PATIENTS, (0.6, 0.2, 0.2), seed=1, groups=groups)
+    members = split["train"] + split["val"] + split["test"]
+    assert sorted(members) == PATIENTS and len(set(members)) == len(members)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (24, 8, 8)
+    for name in ("val", "test"):  # stratified: each group twice in 8
+        assert sorted(pd.Series([groups[p] for p in split[name]]).value_counts()) == [2, 2, 2, 2]
+    assert split == split_patients(list(reversed(PATIENTS)), (0.6, 0.2, 0.2), seed=1, groups=groups)
+    assert split != split_patients(PATIENTS, (0.6, 0.2, 0.2), seed=2, groups=groups)
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_patients(PATIENTS, (0.5, 0.2, 0.2), 0)
+    with pytest.raises(ValueError, match="at least 3 patients"):
+        split_patients(PATIENTS[:2], (0.6, 0.2, 0.2), 0)
+    with pytest.raises(ValueError, match="not unique"):
+        split_patients(PATIENTS[:3] * 2, (0.6, 0.2, 0.2), 0)
+
+
+def test_normalise_and_resize_known_answers():
+    vol = np.zeros((2, 10, 20), np.float32)
+    vol[:, :, 10:] = 100.0
+    norm = normalise_volume(vol)
+    assert norm.min() == 0 and norm.max() == 1
+    label = np.zeros((2, 10, 20), np.uint8)
+    label[:, 2:8, 12:18] = 3
+    img, lab, factor = resize_volume(norm, label, 40, "pad")
+    assert img.shape == lab.shape == (2, 40, 40) and factor == 0.5
+    assert lab[0, 10:30, :].any() and not lab[0, :10].any() and not lab[0, 30:].any()  # padded rows are empty
+    assert set(np.unique(lab)) == {0, 3}  # nearest neighbour: no invented classes
+    img, lab, factor = resize_volume(norm, label, 10, "crop")
+    assert img.shape == (2, 10, 10) and factor == 1.0 and np.array_equal(lab, label[:, :, 5:15])
+    with pytest.raises(ValueError, match="resize: expected 'pad' or 'crop'"):
+        resize_volume(norm, label, 10, "stretch")
+
+
+@pytest.fixture(scope="module")
+def prepared(phantom_sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    sources = [open_source(p) for p in phantom_sources]
+    prepare_dataset(sources, out, image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25), split_seed=0)
+    return Prepared.open(out)
+
+
+def test_prepared_contents(prepared, phantom_sources):
+    split = prepared.split_table()
+    assert split["patient"].is_unique and set(split["split"]) == {"train", "val", "test"}
+    test_patients = set(split.loc[split["split"] == "test", "patient"])
+    for name in ("train", "val", "test"):
+        images, labels, slices = prepared.images(name), prepared.labels(name), prepared.slices(name)
+        assert images.shape == labels.shape == (len(slices), 32, 32) and images.dtype == np.float32
+        assert 0 <= images.min() and images.max() <= 1 and labels.max() <= 3
+        assert set(slices["patient"]) == set(split.loc[split["split"] == name, "patient"])
+        assert set(slices["phase"]) == {"ED", "ES"}
+        assert (slices["spacing_y"] > 1.2).all()  # mm per resized pixel, scaled from the header
+    pool = prepared.pool_slices()
+    assert not test_patients & set(pool.loc[pool["source"] == "acdc-nifti", "patient"])  # no test patient
+    acdc = open_source(phantom_sources[0])
+    n_frames = len(list(acdc.cine(acdc.patients()[:1])))
+    assert set(pool.loc[pool["source"] == "acdc-nifti", "phase"]) == {f"F{t:02d}" for t in range(1, n_frames + 1)}
+    assert "decathlon" in set(pool["source"]) and prepared.pool_images().dtype == np.float16
+    manifest = prepared.manifest
+    assert [s["layout"] for s in manifest["sources"]] == ["acdc-nifti", "decathlon"]
+    assert all(len(s["content_sha256"]) == 64 for s in manifest["sources"])
+    assert manifest["counts"]["pool_slices"] == len(pool)
+
+
+def test_preparation_is_deterministic(prepared, phantom_sources, tmp_path):
+    sources = [open_source(p) for p in phantom_sources]
+    prepare_dataset(sources, tmp_path / "again", image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                    split_seed=0)
+    again = Prepared.open(tmp_path / "again")
+    assert again.manifest["sources"] == prepared.manifest["sources"]
+    for name in ("train", "test"):
+        assert np.array_equal(again.images(name), prepared.images(name))
+    assert again.split_table().equals(prepared.split_table())
+
+
+def test_summary_table(prepared):
+    table = summary_table(prepared)
+    assert list(table.index) == ["train", "val", "test", "pretraining pool"]
+    np.testing.assert_allclose(table.loc[["train", "val", "test"], ["background", "RV", "MYO", "LV"]].sum(1), 1.0)
+
+
+def test_pool_split_is_by_patient(prepared):
+    pool = prepared.pool_slices()
+    train, val = split_pool(pool, 0.3, seed=0)
+    key = pool["folder"] + "/" + pool["patient"]
+    assert len(train) + len(val) == len(pool) and not set(key.iloc[train]) & set(key.iloc[val])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_pool(pool, 1.5, 0)
+
+
+def test_failure_leaves_nothing_behind(tmp_path, phantom_sources):
+    acdc = open_source(phantom_sources[0])
+    out = tmp_path / "prepared"
+    (tmp_path / "la").mkdir()
+    bad = open_source(phantom_sources[1])
+    bad.labels = {1: "LA"}
+    with pytest.raises(DataError, match="must have ACDC's labels"):
+        prepare_dataset([bad], out, image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25), split_seed=0)
+    broken = open_source(phantom_sources[0])
+    broken.cine = lambda patients=None: (_ for _ in ()).throw(DataError("boom"))  # fails after the splits
+    with pytest.raises(DataError, match="boom"):
+        prepare_dataset([broken], out, image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                        split_seed=0)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["la"]
+    assert acdc.patients()  # the source is untouched and still readable
+
+
+def test_missing_prepared_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run stage 01 first"):
+        Prepared.open(tmp_path)
+
+
+def test_real_acdc_preparation_subset(tmp_path):
+    src = open_source(real_dir("CMR_ACDC_DIR"))
+    patients = src.patients()[:6]
+    src.patients = lambda: patients  # a quick subset of the real data
+    prepare_dataset([src], tmp_path / "p", image_size=64, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                    split_seed=0)
+    prepared = Prepared.open(tmp_path / "p")
+    table = summary_table(prepared)
+    assert table.loc[["train", "val", "test"], "patients"].sum() == 6
+    assert (table.loc[["train", "val", "test"], ["RV", "MYO", "LV"]] > 0.001).all().all()
