@@ -62,12 +62,15 @@ def score_predictions(pred: np.ndarray, truth: np.ndarray, slices: pd.DataFrame)
                                             values=["true", "pred"]).dropna()
     ef_rows = []
     for (patient, structure), v in vol.iterrows():
-        if structure == "MYO" or v[("true", "ED")] <= 0 or v[("pred", "ED")] <= 0:
+        if structure == "MYO" or v[("true", "ED")] <= 0:
             continue
-        ef_rows.append({"patient": patient, "structure": structure,
-                        "ef_true": metrics.ejection_fraction(v[("true", "ED")], v[("true", "ES")]),
-                        "ef_pred": metrics.ejection_fraction(v[("pred", "ED")], v[("pred", "ES")])})
-    return {"per_slice": per_slice, "per_volume": per_volume, "ef": pd.DataFrame(ef_rows),
+
+        def ef_of(kind):  # undefined (NaN) when the prediction has no cavity at end-diastole
+            return metrics.ejection_fraction(v[(kind, "ED")], v[(kind, "ES")]) if v[(kind, "ED")] > 0 else np.nan
+
+        ef_rows.append({"patient": patient, "structure": structure, "ef_true": ef_of("true"), "ef_pred": ef_of("pred")})
+    ef = pd.DataFrame(ef_rows, columns=["patient", "structure", "ef_true", "ef_pred"])
+    return {"per_slice": per_slice, "per_volume": per_volume, "ef": ef,
             "split_iou": metrics.study_iou(tp, fp, fn, tn)}
 
 
@@ -85,4 +88,15 @@ def read_results(runs: list[dict], finetune_dir) -> pd.DataFrame:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run stage 03 for {run['name']} first")
         rows.append({**run, **json.loads(path.read_text())})
+    return pd.DataFrame(rows)
+
+
+def ef_agreement_table(ef: pd.DataFrame) -> pd.DataFrame:
+    """Bias, limits of agreement and correlation of predicted versus true EF per initialisation and structure;
+    ``undefined`` counts the volumes whose prediction had no cavity at end-diastole."""
+    rows = []
+    for (init, structure), g in ef.groupby(["init", "structure"]):
+        valid = g.dropna(subset=["ef_true", "ef_pred"])
+        row = metrics.ef_agreement(valid["ef_true"], valid["ef_pred"]) if len(valid) else {"n": 0}
+        rows.append({"init": init, "structure": structure, **row, "undefined": len(g) - len(valid)})
     return pd.DataFrame(rows)

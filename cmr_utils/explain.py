@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from torch import nn
 
-STRUCTURES: dict[int, str] = {1: "RV", 2: "MYO", 3: "LV"}
+from .metrics import STRUCTURES  # noqa: E402  (1 RV, 2 MYO, 3 LV)
 DEFAULT_LAYER = "encoder.layer4"
 # Label-map colours: background black, RV red, MYO green, LV blue.
 LABEL_COLOURS = ("#000000", "#e41a1c", "#4daf4a", "#377eb8")
@@ -118,13 +118,15 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _as_input_tensor(images, name: str = "images") -> torch.Tensor:
-    """(N, H, W) or (N, 1, H, W), numpy or tensor -> a fresh float32 CPU tensor (N, 1, H, W)."""
+    """(N, H, W) or (N, 1, H, W), numpy or tensor -> a fresh float32 CPU tensor (N, 1, H, W).
+
+    Made outside inference mode: an inference tensor cannot take part in autograd (a clone can)."""
     if isinstance(images, torch.Tensor):
-        # clone: an inference-mode tensor cannot take part in autograd, its clone can.
         with torch.inference_mode(False):
             array = images.detach().to("cpu", torch.float32).clone()
     elif isinstance(images, np.ndarray):
-        array = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        with torch.inference_mode(False):
+            array = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     else:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(images).__name__}")
     if array.ndim == 3:
@@ -227,6 +229,11 @@ def seg_grad_cam(
     _check_batch_size(batch_size)
     x = _as_input_tensor(images)
     target_layer = resolve_layer(wrapped, layer)
+    if any(p.is_inference() for p in wrapped.parameters()):
+        raise ValueError(
+            "the model's parameters are inference tensors (created under torch.inference_mode); "
+            "build or load the model outside inference mode to compute gradients"
+        )
 
     # pytorch-grad-cam puts the model in eval mode; do it for the whole computation (the predicted
     # region included) and give every module its own mode back afterwards.
@@ -554,9 +561,11 @@ def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    clone = copy.deepcopy(model)
+    # outside inference mode, or the copy's parameters would be inference tensors (no gradients)
+    with torch.inference_mode(False):
+        clone = copy.deepcopy(model)
     devices = [d for d in {p.device for p in clone.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.inference_mode(False), torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         reset = 0
         for module in clone.modules():
@@ -804,3 +813,67 @@ def plot_initialisations(
     rows = [ExplanationRow(image, ground_truth, predictions[n], dict(cams[n]), title if k == 0 else "")
             for k, n in enumerate(names)]
     return plot_explanations(rows, row_labels=names, panel_size=panel_size)
+
+
+# --------------------------------------------------------------------------------------------- numbers per run
+
+
+def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.ndarray, layer: str = DEFAULT_LAYER,
+                        region: str = "prediction", steps: int = 10, ring_width: int = 3, seed: int = 0,
+                        faithfulness: bool = True) -> "pd.DataFrame":
+    """One row per (slice, structure) with the explanation numbers of ``model`` on ``images``.
+
+    Columns: ``slice`` (position in ``images``), ``structure``, ``energy_inside`` and ``energy_ring`` (share of
+    CAM energy inside the ground-truth structure and in a ``ring_width``-pixel ring around it),
+    ``pointing_hit``, ``sanity_rho`` (Spearman correlation with the CAM of the same architecture with
+    randomised weights), and with ``faithfulness`` the deletion / insertion AUCs (most relevant first, and
+    the random-order reference). Slices where the structure is absent from the ground truth get NaN
+    localisation numbers; where the CAM's region is empty, the CAM is zero and its numbers NaN.
+    """
+    import pandas as pd
+
+    if region not in ("prediction", "ground_truth"):
+        raise ValueError(f"explain.target: expected 'prediction' or 'ground_truth', got {region!r}")
+    images = np.asarray(images, dtype=np.float32)
+    ground_truth = np.asarray(ground_truth)
+    predicted, _ = predict(model, images)
+    rows = []
+    for category, name in STRUCTURES.items():
+        truth = ground_truth == category
+        target = truth if region == "ground_truth" else predicted == category
+        cams = seg_grad_cam(model, images, category, masks=target, layer=layer)
+        inside, ring = energy_inside(cams, truth), energy_in_ring(cams, truth, ring_width)
+        hits = pointing_hit(cams, truth)
+        rho = sanity_check_randomised(model, images, category, layer=layer, seed=seed, masks=target)
+        for k in range(len(images)):
+            row = {"slice": k, "structure": name, "energy_inside": inside[k], "energy_ring": ring[k],
+                   "pointing_hit": hits[k], "sanity_rho": rho[k]}
+            if faithfulness:
+                curves = ({} if not target[k].any() or not cams[k].any() else
+                          deletion_insertion(model, images[k], category, cams[k], target[k], steps=steps, seed=seed))
+                for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
+                    row[key] = curves.get(key, np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+XAI_METRICS = ("energy_inside", "energy_ring", "pointing_hit", "deletion_auc", "random_deletion_auc",
+               "insertion_auc", "random_insertion_auc", "sanity_rho")
+
+
+def summarise_numbers(numbers: "pd.DataFrame") -> "pd.DataFrame":
+    """Per initialisation, layer and metric: the mean over slices and structures for each seed, then the mean
+    over seeds with the SD over seeds, and the SD over slices (pooled over seeds)."""
+    import pandas as pd
+
+    rows = []
+    for (init, layer), g in numbers.groupby(["init", "layer"], sort=True):
+        for metric in XAI_METRICS:
+            if metric not in g or g[metric].isna().all():
+                continue
+            per_seed = g.groupby("seed")[metric].mean()
+            rows.append({"init": init, "layer": layer, "metric": metric, "mean": per_seed.mean(),
+                         "sd_seeds": per_seed.std(ddof=1) if len(per_seed) > 1 else np.nan,
+                         "sd_slices": g[metric].std(ddof=1), "n": int(g[metric].notna().sum()),
+                         "seeds": len(per_seed)})
+    return pd.DataFrame(rows, columns=["init", "layer", "metric", "mean", "sd_seeds", "sd_slices", "n", "seeds"])

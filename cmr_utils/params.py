@@ -30,7 +30,6 @@ SCHEMA: dict[str, Any] = {
         "batch_size": int,
         "max_epochs": int,
         "patience": int,
-        "lr": NUMBER,
         "seed": int,
         "simsiam": dict,
         "swav": dict,
@@ -121,6 +120,10 @@ def validate(params: dict, source: str = "parameters") -> dict:
     for method in params["pretrain"]["methods"]:
         if method not in ("simsiam", "swav"):
             raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected simsiam, swav")
+    for method in ("simsiam", "swav"):
+        lr = params["pretrain"][method].get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, NUMBER) or lr <= 0:
+            raise ParameterError(f"{source}: pretrain.{method}.lr: expected a positive number, got {lr!r}")
     return params
 
 

@@ -123,9 +123,7 @@ acdc.pivot_table(index=["init"], columns=["phase", "structure"], values=["dice",
 
 # %%
 ef_all = ef[ef["budget"] == "all"]
-agreement = pd.DataFrame([{"init": init, "structure": s, **metrics_row}
-                          for (init, s), g in ef_all.groupby(["init", "structure"])
-                          for metrics_row in [evaluate.metrics.ef_agreement(g["ef_true"], g["ef_pred"])]])
+agreement = evaluate.ef_agreement_table(ef_all)
 agreement.to_csv(ws.table("ef_agreement.csv"), index=False)
 fig = plots.ef_scatter(ef_all)
 fig.savefig(ws.figure("ef_agreement.png"), dpi=120, bbox_inches="tight")

@@ -124,6 +124,13 @@ def test_cam_runs_under_no_grad_and_inference_mode_and_leaves_model_as_it_was(mo
         model.eval()
     np.testing.assert_array_equal(in_inference, expected)
     np.testing.assert_array_equal(in_no_grad, expected)
+    with torch.inference_mode():
+        rho = explain.sanity_check_randomised(model, images[:1], 3, layer="encoder.layer3", masks=masks[:1])
+    assert rho.shape == (1,) and -1 <= rho[0] <= 1
+    with torch.inference_mode():
+        inference_model = smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=4).eval()
+    with pytest.raises(ValueError, match="inference"):
+        explain.seg_grad_cam(inference_model, images[:1], 3, masks=masks[:1])
 
 
 def test_cam_checks_its_inputs(model, data):
