@@ -12,21 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import metrics
+from .explain import predict
 from .finetune import load_trained_model
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """Label maps (N, H, W) uint8 from images (N, H, W)."""
-    model = model.to(device).eval()
-    out = np.empty(images.shape, dtype=np.uint8)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None]
-        out[start:start + batch_size] = model(batch.to(device)).argmax(1).cpu().numpy().astype(np.uint8)
-    return out
 
 
 def _volumes(slices: pd.DataFrame):
@@ -77,7 +66,7 @@ def score_predictions(pred: np.ndarray, truth: np.ndarray, slices: pd.DataFrame)
 def evaluate_run(run_dir: Path, images: np.ndarray, truth: np.ndarray, slices: pd.DataFrame,
                  device: str = "cpu") -> dict:
     model = load_trained_model(run_dir)
-    return score_predictions(predict(model, images, device=device), np.asarray(truth), slices)
+    return score_predictions(predict(model.to(device), images)[0], np.asarray(truth), slices)
 
 
 def read_results(runs: list[dict], finetune_dir) -> pd.DataFrame:

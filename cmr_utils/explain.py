@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 from scipy.stats import rankdata
@@ -820,7 +821,7 @@ def plot_initialisations(
 
 def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.ndarray, layer: str = DEFAULT_LAYER,
                         region: str = "prediction", steps: int = 10, ring_width: int = 3, seed: int = 0,
-                        faithfulness: bool = True) -> "pd.DataFrame":
+                        faithfulness: bool = True) -> pd.DataFrame:
     """One row per (slice, structure) with the explanation numbers of ``model`` on ``images``.
 
     Columns: ``slice`` (position in ``images``), ``structure``, ``energy_inside`` and ``energy_ring`` (share of
@@ -830,8 +831,6 @@ def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.n
     the random-order reference). Slices where the structure is absent from the ground truth get NaN
     localisation numbers; where the CAM's region is empty, the CAM is zero and its numbers NaN.
     """
-    import pandas as pd
-
     if region not in ("prediction", "ground_truth"):
         raise ValueError(f"explain.target: expected 'prediction' or 'ground_truth', got {region!r}")
     images = np.asarray(images, dtype=np.float32)
@@ -861,7 +860,7 @@ XAI_METRICS = ("energy_inside", "energy_ring", "pointing_hit", "deletion_auc", "
                "insertion_auc", "random_insertion_auc", "sanity_rho")
 
 
-def summarise_numbers(numbers: "pd.DataFrame") -> "pd.DataFrame":
+def summarise_numbers(numbers: pd.DataFrame) -> pd.DataFrame:
     """Per initialisation, layer and metric: the mean over slices and structures for each seed, then the mean
     over seeds with the SD over seeds, and the SD over slices (pooled over seeds)."""
     import pandas as pd

@@ -9,10 +9,8 @@
 """
 from __future__ import annotations
 
-import json
-import logging
+import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .models import build_segmentation_model, set_encoder_frozen, N_CLASSES
+from .files import atomic_write
+from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
+from .training import quiet_lightning, trainer_options
 
 
 def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarray]:
@@ -140,18 +140,6 @@ def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
     return raw.drop(columns=[c for c in ("step",) if c in raw]).groupby("epoch").mean().reset_index()
 
 
-def quiet_lightning() -> None:
-    """No progress bars or banners under Papermill; warnings about tiny data sets are expected here."""
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*number of training batches.*")
-
-
-def trainer_options(trainer: dict) -> dict:
-    return {k: trainer[k] for k in ("accelerator", "devices", "precision", "strategy")}
-
-
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
                        freeze_encoder: bool, flips: bool, trainer: dict, encoder_path=None) -> dict:
@@ -164,7 +152,6 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    quiet_lightning()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -177,18 +164,20 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
                        persistent_workers=workers > 0)
     val = DataLoader(SliceSegmentationDataset(images_val, labels_val), batch_size=max(batch_size, 32),
                      num_workers=workers, persistent_workers=workers > 0)
+    for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_iou",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
     fit = pl.Trainer(max_epochs=epochs, callbacks=[checkpoint], logger=CSVLogger(run_dir, name="", version="log"),
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      deterministic="warn", log_every_n_steps=1, **trainer_options(trainer))
-    fit.fit(module, train, val)
+    with quiet_lightning():
+        fit.fit(module, train, val)
     if fit.global_rank != 0:
         return {}
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")}
-    torch.save(state, run_dir / "model.pt.tmp")
-    (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+    atomic_write(run_dir / "model.pt", lambda temp: torch.save(state, temp))
     history = history_from_csv(run_dir / "log" / "metrics.csv")
     history.to_csv(run_dir / "history.csv", index=False)
     best_row = history.loc[history["val_iou"].idxmax()]
@@ -206,10 +195,3 @@ def load_trained_model(run_dir: str | Path) -> torch.nn.Module:
     model = build_segmentation_model("random")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model.eval()
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)

@@ -124,7 +124,7 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
                       budget: str = "all"):
     """Image | ground truth | one prediction per initialisation, on the test slice of median IoU of the
     initialisation with the best mean test IoU (seed of its first run)."""
-    from .evaluate import predict
+    from .explain import predict
     from .finetune import load_trained_model
 
     runs = results[results["budget"] == budget].sort_values(["init", "seed"])
@@ -139,7 +139,7 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
     show_slice(axes[0], images[index], None, "image")
     show_slice(axes[1], images[index], truth[index], "ground truth")
     for ax, (init, run) in zip(axes[2:], by_init.iterrows()):
-        pred = predict(load_trained_model(finetune_dir(run["name"])), images[index:index + 1])[0]
+        pred = predict(load_trained_model(finetune_dir(run["name"])), images[index:index + 1])[0][0]
         show_slice(ax, images[index], pred, f"{init} ({run['name']})")
     fig.suptitle(f"test slice {index} (median IoU of {best_init})", fontsize=10)
     fig.tight_layout()

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .files import AtomicDir
 from .readers import CardiacVolume, DataError, Source
 
 SPLITS = ("train", "val", "test")
@@ -126,22 +125,6 @@ def content_hash(files: list[Path], root: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _atomic_dir(out_dir: Path):
-    """A temporary sibling folder; ``commit()`` swaps it in for ``out_dir``, ``abort()`` removes it."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    def commit():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-
-    return tmp, commit, lambda: shutil.rmtree(tmp, ignore_errors=True)
-
-
 def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: int, resize: str,
                     split_fractions: tuple[float, float, float], split_seed: int,
                     parameters: dict | None = None) -> dict:
@@ -152,9 +135,8 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
     if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
         raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
                         f"(1 RV, 2 MYO, 3 LV); layout {labelled.layout} has {labelled.labels}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, commit, abort = _atomic_dir(out_dir)
+    staging = AtomicDir(out_dir)
+    tmp = staging.path
     try:
         patients = labelled.patients()
         groups = {p: labelled.group(p) for p in patients}
@@ -198,9 +180,9 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
             "counts": counts, "parameters": parameters or {},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        commit()
+        staging.commit()
     except BaseException:
-        abort()
+        staging.abort()
         raise
     return manifest
 

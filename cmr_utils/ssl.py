@@ -23,14 +23,11 @@ as training spreads the embedding, and fall towards 0 if the run collapses.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import math
 import os
-import tempfile
-import warnings
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +49,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
+from cmr_utils.files import atomic_write
+from cmr_utils.training import quiet_lightning
 from cmr_utils.models import FEATURE_DIM, build_backbone
 
 ENCODER_PREFIX = "backbone."  # how the backbone's keys appear inside a LightningModule checkpoint
@@ -96,6 +95,9 @@ def _require_range(name: str, value: Any, low: float, high: float) -> tuple[floa
 # augmentations (tensors (1, H, W) float in [0, 1]; pure-Python torchvision ops only)
 
 
+_OVERSHOOT = 0.05
+
+
 class _CheckSlice:
     """First step of every augmentation: rejects anything but a float (1, H, W) tensor in [0, 1]."""
 
@@ -107,9 +109,10 @@ class _CheckSlice:
         if image.ndim != 3 or image.shape[0] != 1:
             raise ValueError(f"image must have shape (1, H, W) (one channel), got {tuple(image.shape)}")
         low, high = float(image.min()), float(image.max())
-        if low < 0.0 or high > 1.0:
+        # a resized crop placed before this step (SwAV's multi-crop) may overshoot [0, 1] by interpolation
+        if low < -_OVERSHOOT or high > 1.0 + _OVERSHOOT:
             raise ValueError(f"image values must lie in [0, 1], got [{low:.4g}, {high:.4g}]")
-        return image
+        return image.clamp(0.0, 1.0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -540,30 +543,7 @@ def get_method(name: str) -> dict[str, Any]:
 # training
 
 
-_LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
 _RESERVED_TRAINER_KEYS = ("max_epochs", "callbacks", "logger", "default_root_dir")
-
-
-@contextlib.contextmanager
-def _quiet_lightning():
-    """Lightning's info banners and known harmless warnings are noise in a headless papermill run."""
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
-            # pytorch_lightning 2.6 calls a torch pytree API that newer torch deprecates
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        # the Trainer switches deterministic algorithms on process-wide; give the caller its own setting back
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 def _check_slices(name: str, slices: Any) -> None:
@@ -646,7 +626,7 @@ def train_ssl(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with _quiet_lightning():
+    with quiet_lightning():
         pl.seed_everything(seed, workers=True)
         # the model first after seeding: its initial weights depend on the seed alone
         model = spec["model"](lr=lr, max_epochs=max_epochs, **method_kwargs)
@@ -668,7 +648,9 @@ def train_ssl(
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
         )
-        logger = pl.loggers.CSVLogger(save_dir=str(out_dir), name=f"{method}_logs")
+        # a fixed log folder, emptied first: a re-run replaces its history instead of adding version_N
+        shutil.rmtree(out_dir / "log", ignore_errors=True)
+        logger = pl.loggers.CSVLogger(save_dir=str(out_dir), name="", version="log")
         checkpoint = pl.callbacks.ModelCheckpoint(
             dirpath=Path(logger.log_dir) / "checkpoints",
             filename="best-{epoch}",
@@ -775,17 +757,6 @@ def _validated_encoder_state(state: Any, *, source: str | os.PathLike) -> dict[s
     return {key: state[key] for key in expected}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temp_name))
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_encoder(state_dict: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Write the backbone state_dict to ``path`` and ``path.with_suffix(".json")`` (metadata, library
     versions, number of keys), each atomically. Returns ``path``."""
@@ -812,8 +783,8 @@ def save_encoder(state_dict: dict[str, Tensor], path: str | os.PathLike, metadat
     except TypeError as error:
         raise TypeError(f"metadata must be JSON-serialisable: {error}") from error
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda temp: torch.save(state, temp))
-    _atomic_write(sidecar, lambda temp: temp.write_text(sidecar_text + "\n"))
+    atomic_write(path, lambda temp: torch.save(state, temp))
+    atomic_write(sidecar, lambda temp: temp.write_text(sidecar_text + "\n"))
     return path
 
 

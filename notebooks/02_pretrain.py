@@ -29,6 +29,7 @@ import json
 from cmr_utils import paths, plots, ssl
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared, split_pool
+from cmr_utils.training import trainer_options
 
 params = load_profile(profile)
 cfg = params["pretrain"]
@@ -47,7 +48,7 @@ result = ssl.train_ssl(
     method, pool[train_idx], pool[val_idx], out,
     image_size=params["data"]["image_size"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
     patience=cfg["patience"], lr=cfg[method]["lr"], seed=cfg["seed"], num_workers=params["trainer"]["num_workers"],
-    trainer_kwargs={k: params["trainer"][k] for k in ("accelerator", "devices", "precision", "strategy")},
+    trainer_kwargs=trainer_options(params["trainer"]),
     method_kwargs=method_kwargs,
 )
 history = result["history"]

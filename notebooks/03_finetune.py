@@ -24,7 +24,8 @@ run = "random-all-s0"
 
 # %%
 from cmr_utils import paths
-from cmr_utils.finetune import sample_budgets, train_segmentation, write_json_atomic
+from cmr_utils.files import write_json_atomic
+from cmr_utils.finetune import sample_budgets, train_segmentation
 from cmr_utils.models import SSL_INITS, WeightsUnavailable
 from cmr_utils.params import load_profile
 from cmr_utils.plan import finetune_runs

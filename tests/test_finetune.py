@@ -1,5 +1,4 @@
 """Label budgets and one short fine-tuning run."""
-import json
 
 import numpy as np
 import pandas as pd
@@ -65,9 +64,9 @@ def test_one_run_keeps_the_best_validation_checkpoint(tmp_path):
     assert result["best_val_iou"] == pytest.approx(history["val_iou"].max())
     # the saved model reproduces the best epoch's validation IoU
     from cmr_utils import metrics
-    from cmr_utils.evaluate import predict
+    from cmr_utils.explain import predict
 
-    pred = predict(load_trained_model(tmp_path), xv)
+    pred, _ = predict(load_trained_model(tmp_path), xv)
     assert metrics.study_iou(*metrics.slice_stats(pred, yv)) == pytest.approx(result["best_val_iou"], abs=1e-5)
 
 

@@ -2,8 +2,6 @@
 tiny profile on the phantom (Papermill, the registered kernel, the dependency graph)."""
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import jupytext
 import nbformat

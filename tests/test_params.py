@@ -2,14 +2,13 @@
 import copy
 
 import pytest
-import yaml
 
 from cmr_utils import params as P
 from cmr_utils.paths import data_tag, run_name, workspace
 from cmr_utils.plan import finetune_runs, make_variables
 
 
-@pytest.mark.parametrize("profile", ["tiny", "default", "paper"])
+@pytest.mark.parametrize("profile", ["tiny", "default", "paper", "acdc-cpu"])
 def test_shipped_profiles_are_valid(profile):
     P.load_profile(profile)
 

@@ -1,6 +1,4 @@
 """Patient-level splits and the prepared slice sets, on the phantom and (where named) the real ACDC data."""
-import json
-import os
 
 import numpy as np
 import pandas as pd
