@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _outputs_in_tmp(tmp_path_factory, monkeypatch):
-    """Every test writes its data, runs and reports under a temporary root, never into the project."""
-    monkeypatch.setenv("CMR_OUTPUT_ROOT", str(tmp_path_factory.getbasetemp() / "outputs"))
-    monkeypatch.setenv("CMR_OFFLINE", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _outputs_in_tmp(tmp_path_factory):
+    """Every test (and every fixture, whatever its scope) writes its data, runs and reports under a temporary
+    root, never into the project; ImageNet weights are not fetched unless a test asks for the attempt."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CMR_OUTPUT_ROOT", str(tmp_path_factory.getbasetemp() / "outputs"))
+        mp.setenv("CMR_OFFLINE", "1")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,12 @@ def test_make_report_tiny_produces_every_output(tiny_report):
 
 
 def test_second_make_report_does_nothing(tiny_report):
-    assert make("-q", "report", "PROFILE=tiny", check=False).returncode == 0
+    outputs = sorted(tiny_report.reports.rglob("*")) + sorted(tiny_report.runs.rglob("*"))
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    again = make("report", "PROFILE=tiny")
+    assert "ipynb" not in again.stdout, again.stdout  # no stage ran
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+    assert not (PROJ_ROOT / "runs" / "phantom" / "tiny").exists()  # nothing written into the project
 
 
 def test_a_failed_stage_leaves_no_finished_output(tmp_path):
