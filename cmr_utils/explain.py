@@ -127,7 +127,7 @@ def _as_input_tensor(images, name: str = "images") -> torch.Tensor:
             array = images.detach().to("cpu", torch.float32).clone()
     elif isinstance(images, np.ndarray):
         with torch.inference_mode(False):
-            array = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+            array = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: memmaps are read-only
     else:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(images).__name__}")
     if array.ndim == 3:

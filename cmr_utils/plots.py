@@ -90,12 +90,15 @@ def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
         g = g.sort_values("n_labelled")
         colour = INIT_COLOURS.get(init)
         ax.plot(g["n_labelled"], g["mean"], marker="o", color=colour, label=init)
-        ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]), g["ci_high"].fillna(g["mean"]),
-                        color=colour, alpha=0.2)
+        # the band is the t interval over seeds, drawn within the metric's range [0, 1]
+        ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]).clip(0, 1),
+                        g["ci_high"].fillna(g["mean"]).clip(0, 1), color=colour, alpha=0.15)
     ax.set_xscale("log")
+    ax.set_ylim(0, 1)
     ax.set_xlabel("labelled training slices")
     ax.set_ylabel(value)
-    ax.set_title(f"{value} by label budget (mean, 95% CI over seeds)", fontsize=10)
+    seeds = int(summary["n"].max()) if len(summary) else 0
+    ax.set_title(f"{value} by label budget (mean and 95% CI over {seeds} seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

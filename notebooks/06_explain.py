@@ -98,7 +98,12 @@ viewer_widget = viewer.CamViewer(provider)
 display(viewer_widget.widget)
 
 # %%
-montage = [(int(selected[init]["best"][0]), structure, init) for init in models for structure in ("RV", "LV")]
+montage = []
+for init in models:  # each initialisation's best slice, with the (up to two) structures it predicts there
+    index = int(selected[init]["best"][0])
+    predicted = provider.prediction(init, index)
+    shown = [name for code, name in explain.STRUCTURES.items() if (predicted == code).any()][:2] or ["MYO"]
+    montage += [(index, name, init) for name in shown]
 fig = viewer.static_montage(provider, montage, layer=cfg["layers"][0])
 fig.savefig(ws.figure("explain_viewer_montage.png"), dpi=100, bbox_inches="tight")
 
