@@ -99,7 +99,11 @@ $(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: notebooks/02_pretrain.py $(PREP) $(LIB)
 
 # an SSL-initialised run also waits for (and re-runs after) its method's pretraining
 ssl_prereq = $(if $(filter simsiam swav,$(firstword $(subst -, ,$(1)))),$(EXE)/02_pretrain-$(firstword $(subst -, ,$(1))).ipynb)
-$(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB) $$(call ssl_prereq,$$*)
+# an ImageNet run recorded as unavailable re-runs once the weights file appears in the torch hub cache
+TORCH_HUB := $(or $(TORCH_HOME),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/torch),$(HOME)/.cache/torch)/hub
+imagenet_prereq = $(if $(filter imagenet,$(firstword $(subst -, ,$(1)))),$(wildcard $(TORCH_HUB)/checkpoints/resnet18-*.pth))
+$(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB) $$(call ssl_prereq,$$*) \
+		$$(call imagenet_prereq,$$*)
 	$(call papermill,03_finetune,-p run $*)
 
 $(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB)

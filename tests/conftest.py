@@ -14,6 +14,7 @@ def _outputs_in_tmp(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CMR_OUTPUT_ROOT", str(tmp_path_factory.getbasetemp() / "outputs"))
         mp.setenv("CMR_OFFLINE", "1")
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))  # an empty weights cache
         yield
 
 

@@ -2,6 +2,7 @@
 tiny profile on the phantom (Papermill, the registered kernel, the dependency graph)."""
 import os
 import subprocess
+from pathlib import Path
 
 import jupytext
 import nbformat
@@ -76,3 +77,22 @@ def test_a_failed_stage_leaves_no_finished_output(tmp_path):
     assert not (ws.executed / "01_prepare_data.ipynb").exists() and not ws.prepared.exists()
     failed = ws.executed / "01_prepare_data.failed.ipynb"
     assert failed.exists() and "unrecognised data layout" in failed.read_text()
+
+
+def test_imagenet_runs_once_the_weights_are_cached(tiny_report):
+    """The unavailable ImageNet runs re-run when a torchvision-format file appears in the hub cache."""
+    import json
+
+    import torch
+    import torchvision
+
+    assert json.loads((tiny_report.finetune_dir("imagenet-all-s0") / "result.json").read_text())["status"] == \
+        "unavailable"
+    cache = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), cache / "resnet18-f37072fd.pth")
+    again = make("report", "PROFILE=tiny")
+    assert "03_finetune-imagenet-all-s0" in again.stdout and "03_finetune-random-all-s0" not in again.stdout
+    result = json.loads((tiny_report.finetune_dir("imagenet-all-s0") / "result.json").read_text())
+    assert result["status"] == "ok" and (tiny_report.finetune_dir("imagenet-all-s0") / "model.pt").exists()
+    assert "imagenet: unavailable" not in tiny_report.report_html.read_text()
