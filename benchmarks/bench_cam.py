@@ -48,7 +48,7 @@ def median_ms(run, device, repeats, warmup=1):
 
 
 def main():
-    import segmentation_models_pytorch as smp
+    from cmr_utils.models import build_segmentation_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
@@ -64,7 +64,7 @@ def main():
         parser.error("--device cuda asked for, but CUDA is not available")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=4).to(args.device).eval()
+    model = build_segmentation_model("random").to(args.device).eval()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} threads"
     print(f"Seg-Grad-CAM, FPN-ResNet18, layer {args.layer}, {args.slices} slices per call, "
           f"median of {args.repeats} runs, {device_name}")

@@ -6,8 +6,8 @@ not the data loader's; the "aug slices/s" column is the single-process speed of 
 to compare against (with num_workers=0 a training step costs both).
 
     python benchmarks/bench_pretrain.py                       # CPU, 2 threads, 64 and 128 px
-    python benchmarks/bench_pretrain.py --size 64
-    python benchmarks/bench_pretrain.py --size 224 --device cuda --bf16 --channels-last
+    python benchmarks/bench_pretrain.py --sizes 64
+    python benchmarks/bench_pretrain.py --sizes 224 --device cuda --bf16 --channels-last
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cmr_utils import ssl
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, nargs="+", default=[64, 128], help="image sizes in pixels")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sizes in pixels")
     parser.add_argument("--methods", nargs="+", default=sorted(ssl.METHODS), choices=sorted(ssl.METHODS))
     parser.add_argument("--batch-size", type=int, default=16, help="slices per step")
     parser.add_argument("--n-local", type=int, default=6, help="SwAV local crops per slice")
@@ -117,7 +117,7 @@ def main() -> None:
     header = f"{'method':<8} {'size':>5} {'views':>5} {'step ms':>9} {'min-max ms':>15} {'slices/s':>9} {'views/s':>9} {'aug slices/s':>13}"
     print(header)
     print("-" * len(header))
-    for size in args.size:
+    for size in args.sizes:
         for method in args.methods:
             r = time_method(method, size, args)
             print(

@@ -4,6 +4,7 @@
 #     display_name: Python (cmr-ssl)
 #     language: python
 #     name: cmr-ssl
+#   title: Self-supervised pretraining for cardiac MRI segmentation
 # ---
 
 # %% [markdown]
