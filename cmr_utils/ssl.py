@@ -462,6 +462,11 @@ class SwAVModule(_SSLModule):
         proj_dim = _require_int("proj_dim", proj_dim, 2)
         n_prototypes = _require_int("n_prototypes", n_prototypes, 2)
         n_steps_frozen_prototypes = _require_int("n_steps_frozen_prototypes", n_steps_frozen_prototypes, 0)
+        if n_prototypes < proj_dim:
+            # fewer prototypes than dimensions leave a null space: projections orthogonal to every prototype
+            # score them all alike, and the loss sits at log(n_prototypes) with nothing learned
+            raise ValueError(f"n_prototypes ({n_prototypes}) must be at least proj_dim ({proj_dim}); "
+                             "the SwAV paper uses 3000 prototypes for 128 dimensions")
         temperature = _require_float("temperature", temperature, 0.0, strict=True)
         sinkhorn_epsilon = _require_float("sinkhorn_epsilon", sinkhorn_epsilon, 0.0, strict=True)
         sinkhorn_iterations = _require_int("sinkhorn_iterations", sinkhorn_iterations, 1)

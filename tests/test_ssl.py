@@ -21,8 +21,8 @@ SEED = 7
 SIMSIAM_KWARGS = {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 16}
 SWAV_KWARGS = {
     "proj_hidden_dim": 64,
-    "proj_dim": 32,
-    "n_prototypes": 16,
+    "proj_dim": 16,
+    "n_prototypes": 32,
     "queue_length": 8,
     "transform_kwargs": {"n_local": 2},
 }
@@ -248,10 +248,15 @@ def test_diverging_loss_raises_a_clear_error():
         module.training_step(nan_views, 0)
 
 
+def test_swav_needs_at_least_as_many_prototypes_as_dimensions():
+    with pytest.raises(ValueError, match=r"n_prototypes \(64\) must be at least proj_dim \(128\)"):
+        ssl.SwAVModule(proj_dim=128, n_prototypes=64)
+
+
 def test_swav_queue_is_used_only_once_filled():
     torch.manual_seed(0)
-    module = ssl.SwAVModule(proj_hidden_dim=16, proj_dim=8, n_prototypes=5, queue_length=6)
-    batch = [torch.randn(4, 8) for _ in range(2)]
+    module = ssl.SwAVModule(proj_hidden_dim=16, proj_dim=4, n_prototypes=5, queue_length=6)
+    batch = [torch.randn(4, 4) for _ in range(2)]
     assert module._queue_prototypes(batch) is None  # empty queue: nothing to add yet
     assert int(module.queue_filled) == 4
     scores = module._queue_prototypes(batch)  # 4 entries queued by the first call
