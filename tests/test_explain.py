@@ -38,13 +38,7 @@ def synthetic_heart(n: int, size: int = SIZE, seed: int = 0):
     return images, labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the tiny convolutions run faster so on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

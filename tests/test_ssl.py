@@ -29,13 +29,7 @@ SWAV_KWARGS = {
 SHORT_FIT = {"limit_train_batches": 2, "limit_val_batches": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the CPU is shared: one thread is several times faster than two under contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def synthetic_slices(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> np.ndarray:

@@ -51,13 +51,7 @@ class RecordingCam:
         return cam
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the tiny convolutions run faster so on a shared machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture()
