@@ -76,7 +76,7 @@ def read_results(runs: list[dict], finetune_dir) -> pd.DataFrame:
         path = Path(finetune_dir(run["name"])) / "result.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run stage 03 for {run['name']} first")
-        rows.append({**run, **json.loads(path.read_text())})
+        rows.append({"reason": None, **run, **json.loads(path.read_text())})  # reason: set when unavailable
     return pd.DataFrame(rows)
 
 
