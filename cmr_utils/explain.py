@@ -36,7 +36,6 @@ from torch import nn
 from .metrics import STRUCTURES  # noqa: E402  (1 RV, 2 MYO, 3 LV)
 DEFAULT_LAYER = "encoder.layer4"
 # Label-map colours: background black, RV red, MYO green, LV blue.
-LABEL_COLOURS = ("#000000", "#e41a1c", "#4daf4a", "#377eb8")
 
 
 # --------------------------------------------------------------------------------------------- plumbing
@@ -689,8 +688,11 @@ def label_colormap():
     """Matplotlib colormap and norm for label maps 0..3 (background, RV, MYO, LV)."""
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    cmap = ListedColormap(LABEL_COLOURS)
-    return cmap, BoundaryNorm(np.arange(-0.5, len(LABEL_COLOURS)), cmap.N)
+    from .plots import LABEL_COLOURS  # one colour per structure across every figure
+
+    colours = [(0.0, 0.0, 0.0)] + [LABEL_COLOURS[k] for k in sorted(STRUCTURES)]
+    cmap = ListedColormap(colours)
+    return cmap, BoundaryNorm(np.arange(-0.5, len(colours)), cmap.N)
 
 
 @dataclass

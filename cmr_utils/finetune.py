@@ -146,7 +146,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     """Train one run into ``run_dir``; return its summary (also written as ``result.json``).
 
     Writes ``model.pt`` (the state_dict of the best-validation-IoU epoch), ``history.csv`` (per-epoch
-    train/validation loss and IoU) and ``labelled_slices.csv`` is written by the caller.
+    train/validation loss and IoU); the caller records the run's label budget (``labelled_slices.csv``).
     """
     pl = _lightning()
     from pytorch_lightning.callbacks import ModelCheckpoint
