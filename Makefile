@@ -53,7 +53,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py too
 # ------------------------------------------------------------------------------------------ the plan
 # Run names, folders and the data tag come from cmr_utils (the one module that knows the layout).
 PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s' "$(DATA)" "$(CMR_OUTPUT_ROOT)" | cksum | cut -d' ' -f1).mk
-$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py
+$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py cmr_utils/readers.py cmr_utils/prepare.py
 	@mkdir -p $(dir $@)
 	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --make > $@.tmp && mv $@.tmp $@
 ifneq ($(filter report prepare pretrain finetune evaluate explain clean-outputs,$(MAKECMDGOALS)),)

@@ -2,10 +2,13 @@
 
 - ``sample_budgets`` draws nested label budgets (150 within 500 within 700 within 1200) from the
   training split only, per seed.
-- ``SegmentationModule`` is the LightningModule: Dice loss, Adam, the study's IoU on train and
-  validation each epoch (micro-averaged over the three foreground classes, see ``cmr_utils.metrics``).
+- ``SliceBatches`` / ``slice_loader``: the slices in memory as tensors, one gather per batch;
+- ``SegmentationModule`` is the LightningModule: the recipe (loss, optimiser, learning-rate schedule, joint
+  augmentation of whole batches on their device) comes from the profile; the study's IoU on train and
+  validation each epoch (micro-averaged over the three foreground classes, see ``cmr_utils.metrics``) and
+  the validation Dice per structure.
 - ``train_segmentation`` runs one named run (``{init}-{budget}-s{seed}``) and keeps the checkpoint with the
-  best validation IoU; the test split is never looked at here.
+  best validation Dice; the test split is never looked at here.
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import augment_batch
 from .files import atomic_write
 from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
-from .training import quiet_lightning, trainer_options
+from .training import EpochLine, quiet_lightning, trainer_options
+
+STRUCTURES = ("RV", "MYO", "LV")
 
 
 def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarray]:
@@ -41,29 +47,73 @@ def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarr
     return out
 
 
-class SliceSegmentationDataset(Dataset):
-    """(image (1,H,W) float32, label (H,W) int64) pairs, with joint random flips when ``flips``."""
+class SliceBatches(Dataset):
+    """Training or validation slices held in memory as tensors; indexed by a whole list of positions at once.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None = None,
-                 flips: bool = False):
+    Used with ``batch_size=None`` and a ``BatchSampler`` (see ``slice_loader``), one batch is one tensor
+    gather: no per-sample numpy-to-torch conversion and no collate step. Augmentation happens later, on the
+    batch and on its device (``cmr_utils.augment``).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None = None):
         if len(images) != len(labels):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
-        self.images, self.labels, self.flips = images, labels, flips
-        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+        indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+        self.images = torch.from_numpy(np.asarray(images, dtype=np.float32)[indices])[:, None]
+        self.labels = torch.from_numpy(np.asarray(labels)[indices].astype(np.int64))
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.images)
 
-    def __getitem__(self, i):
-        k = int(self.indices[i])
-        image = torch.from_numpy(np.array(self.images[k], dtype=np.float32))[None]
-        label = torch.from_numpy(np.array(self.labels[k], dtype=np.int64))
-        if self.flips:
-            if torch.rand(()) < 0.5:
-                image, label = image.flip(-1), label.flip(-1)
-            if torch.rand(()) < 0.5:
-                image, label = image.flip(-2), label.flip(-2)
-        return image, label
+    def __getitem__(self, positions):
+        return self.images[positions], self.labels[positions]
+
+
+def slice_loader(dataset: SliceBatches, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches of ``dataset`` (the last, short batch dropped when shuffling a set larger than one batch)."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    order = (RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle
+             else SequentialSampler(dataset))
+    sampler = BatchSampler(order, batch_size, drop_last=shuffle and len(dataset) > batch_size)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+def segmentation_loss(name: str):
+    """The study's multiclass Dice loss (``dice``) or Dice + cross-entropy (``dice_ce``).
+
+    Dice alone has a trap that the CPU profiles fell into: once the softmax leaves a structure near zero
+    probability everywhere, its Dice gradient vanishes through the softmax (dp/dz = p(1 - p)), so a structure
+    that is lost early is never found again (frozen-encoder runs stayed at loss 0.754, every structure at 0;
+    SSL-initialised runs lost the LV). Cross-entropy's gradient (p - y) does not vanish there.
+    """
+    import segmentation_models_pytorch as smp
+
+    dice = smp.losses.DiceLoss(mode="multiclass", from_logits=True)
+    if name == "dice":
+        return dice
+    if name == "dice_ce":
+        ce = torch.nn.CrossEntropyLoss()
+        return lambda logits, target: dice(logits, target) + ce(logits, target)
+    raise ValueError(f"finetune.loss: expected 'dice' or 'dice_ce', got {name!r}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimiser step ``step``: linear warm-up, then constant, cosine or poly decay."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "warmup_cosine":
+        return 0.5 * (1 + np.cos(np.pi * progress))
+    if schedule == "poly":
+        return (1 - progress) ** 0.9
+    raise ValueError(f"finetune.schedule: expected constant, warmup_cosine or poly, got {schedule!r}")
+
+
+DEFAULT_RECIPE = {"loss": "dice", "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
+                  "warmup_epochs": 0, "augment": {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0}}
 
 
 def _lightning():
@@ -73,17 +123,24 @@ def _lightning():
 
 
 class SegmentationModule(_lightning().LightningModule):
-    def __init__(self, init: str = "random", encoder_path: str | None = None, lr: float = 1e-4,
-                 freeze_encoder: bool = False, channels_last: bool = False):
-        super().__init__()
-        import segmentation_models_pytorch as smp
+    """FPN-ResNet18 fine-tuning: the recipe (loss, optimiser, schedule, augmentation) comes as parameters.
 
+    Logs per epoch ``{train,val}_loss``, the study's ``{train,val}_iou`` (pooled over slices and the three
+    foreground classes) and ``val_dice`` (mean over RV, MYO, LV of the Dice pooled over validation slices)
+    with one column per structure (``val_dice_RV`` ...), so that a structure at 0 shows in the history.
+    """
+
+    def __init__(self, init: str = "random", encoder_path: str | None = None, lr: float = 1e-4,
+                 freeze_encoder: bool = False, channels_last: bool = False, recipe: dict | None = None):
+        super().__init__()
+        recipe = {**DEFAULT_RECIPE, **(recipe or {})}
         self.save_hyperparameters()
+        self.recipe = recipe
         self.model = build_segmentation_model(init, encoder_path)
         set_encoder_frozen(self.model, freeze_encoder)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss = smp.losses.DiceLoss(mode="multiclass", from_logits=True)
+        self.loss = segmentation_loss(recipe["loss"])
         self._stats = {}
 
     def forward(self, x):
@@ -95,16 +152,22 @@ class SegmentationModule(_lightning().LightningModule):
         if self.hparams.freeze_encoder:
             self.model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
 
-    def _step(self, batch, stage):
-        import segmentation_models_pytorch as smp
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            return augment_batch(*batch, **self.recipe["augment"])
+        return batch
 
+    def _step(self, batch, stage):
         image, label = batch
         assert image.ndim == 4 and image.shape[1] == 1, image.shape
         logits = self(image)
-        loss = self.loss(logits, label)
-        tp, fp, fn, _ = smp.metrics.get_stats(logits.argmax(1), label, mode="multiclass", num_classes=N_CLASSES)
+        loss = self.loss(logits.float(), label)
+        pred = logits.argmax(1)
+        classes = torch.arange(N_CLASSES, device=pred.device)[:, None]
+        pred_1h, true_1h = pred.reshape(1, -1) == classes, label.reshape(1, -1) == classes
+        tp = (pred_1h & true_1h).sum(1)
         acc = self._stats.setdefault(stage, torch.zeros(3, N_CLASSES, dtype=torch.float64, device=self.device))
-        acc += torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)]).to(acc)
+        acc += torch.stack([tp, pred_1h.sum(1) - tp, true_1h.sum(1) - tp]).to(acc)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(image), sync_dist=True)
         return loss
 
@@ -114,24 +177,42 @@ class SegmentationModule(_lightning().LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
-    def _log_iou(self, stage):
+    def _log_scores(self, stage):
         acc = self._stats.pop(stage, None)
         if acc is None:
             return
         if self.trainer.world_size > 1:
             acc = self.all_gather(acc).sum(0)
-        tp, fp, fn = acc[:, 1:].sum(1)  # the study's IoU: pooled over slices and the 3 foreground classes
-        denom = tp + fp + fn
-        self.log(f"{stage}_iou", (tp / denom if denom > 0 else torch.tensor(float("nan"))).float())
+        tp, fp, fn = acc[:, 1:]
+        pooled = tp.sum() + fp.sum() + fn.sum()  # the study's IoU: pooled over slices and the 3 foreground classes
+        self.log(f"{stage}_iou", (tp.sum() / pooled if pooled > 0 else torch.tensor(float("nan"))).float())
+        if stage == "val":
+            dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+            for name, value in zip(STRUCTURES, dice):
+                self.log(f"val_dice_{name}", value.float())
+            self.log("val_dice", dice.mean().float())
 
     def on_train_epoch_end(self):
-        self._log_iou("train")
+        self._log_scores("train")
 
     def on_validation_epoch_end(self):
-        self._log_iou("val")
+        self._log_scores("val")
 
     def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        kind, decay = self.recipe["optimizer"], self.recipe["weight_decay"]
+        if kind == "adam":
+            optimiser = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=decay)
+        elif kind == "adamw":
+            optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=decay)
+        else:
+            raise ValueError(f"finetune.optimizer: expected 'adam' or 'adamw', got {kind!r}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(self.recipe["warmup_epochs"] * total / max(1, self.trainer.max_epochs)))
+        schedule = self.recipe["schedule"]
+        lr_factor(0, total, warmup, schedule)  # rejects an unknown schedule before training starts
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: lr_factor(step, total, warmup, schedule))
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
@@ -142,11 +223,14 @@ def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
 
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
-                       freeze_encoder: bool, flips: bool, trainer: dict, encoder_path=None) -> dict:
-    """Train one run into ``run_dir``; return its summary (also written as ``result.json``).
+                       freeze_encoder: bool, trainer: dict, recipe: dict | None = None, encoder_path=None,
+                       name: str | None = None) -> dict:
+    """Train one run into ``run_dir``; return its summary (also written as ``result.json`` by the caller).
 
-    Writes ``model.pt`` (the state_dict of the best-validation-IoU epoch), ``history.csv`` (per-epoch
-    train/validation loss and IoU); the caller records the run's label budget (``labelled_slices.csv``).
+    Writes ``model.pt`` (the state_dict of the epoch with the best validation Dice), ``history.csv`` (per-epoch
+    train/validation loss, IoU and Dice per structure); the caller records the run's label budget
+    (``labelled_slices.csv``). ``recipe``: loss, optimizer, weight_decay, schedule, warmup_epochs, augment
+    (``params/<profile>.yaml``, section ``finetune``); missing keys take the study's recipe.
     """
     pl = _lightning()
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -156,21 +240,20 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True, verbose=False)
     started = time.time()
+    options = trainer_options(trainer)
     module = SegmentationModule(init, None if encoder_path is None else str(encoder_path), lr, freeze_encoder,
-                                trainer.get("channels_last", False))
-    workers = trainer.get("num_workers", 0)
-    train = DataLoader(SliceSegmentationDataset(images_train, labels_train, indices, flips), batch_size=batch_size,
-                       shuffle=True, num_workers=workers, drop_last=len(indices) > batch_size,
-                       persistent_workers=workers > 0)
-    val = DataLoader(SliceSegmentationDataset(images_val, labels_val), batch_size=max(batch_size, 32),
-                     num_workers=workers, persistent_workers=workers > 0)
+                                trainer.get("channels_last", False), recipe)
+    train = slice_loader(SliceBatches(images_train, labels_train, indices), batch_size, shuffle=True, seed=seed)
+    val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
     for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
         shutil.rmtree(run_dir / stale, ignore_errors=True)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_iou",
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
-    fit = pl.Trainer(max_epochs=epochs, callbacks=[checkpoint], logger=CSVLogger(run_dir, name="", version="log"),
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     deterministic="warn", log_every_n_steps=1, **trainer_options(trainer))
+    progress = EpochLine(name or run_dir.name, n_images=len(train.dataset))
+    fit = pl.Trainer(max_epochs=epochs, callbacks=[checkpoint, progress],
+                     logger=CSVLogger(run_dir, name="", version="log"), enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
+                     log_every_n_steps=50, **options)
     with quiet_lightning():
         fit.fit(module, train, val)
     if fit.global_rank != 0:
@@ -180,11 +263,12 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     atomic_write(run_dir / "model.pt", lambda temp: torch.save(state, temp))
     history = history_from_csv(run_dir / "log" / "metrics.csv")
     history.to_csv(run_dir / "history.csv", index=False)
-    best_row = history.loc[history["val_iou"].idxmax()]
+    best_row = history.loc[history["val_dice"].idxmax()]
     return {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
             "frozen_encoder": freeze_encoder, "epochs": epochs, "best_epoch": int(best_row["epoch"]),
-            "best_val_iou": float(best_row["val_iou"]), "best_train_iou": float(history["train_iou"].max()),
-            "wall_s": round(time.time() - started, 1)}
+            "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
+            "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
+            "recipe": module.recipe, "wall_s": round(time.time() - started, 1)}
 
 
 def load_trained_model(run_dir: str | Path) -> torch.nn.Module:

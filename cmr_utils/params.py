@@ -21,6 +21,7 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "image_size": int,
         "resize": str,
+        "field_of_view": NUMBER,
         "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "seed": int},
         "phantom": {"patients": int, "extra_cases": int, "frames": int, "seed": int},
     },
@@ -43,7 +44,12 @@ SCHEMA: dict[str, Any] = {
         "batch_size_budget": int,
         "lr": NUMBER,
         "freeze_below": int,
-        "flips": bool,
+        "loss": str,
+        "optimizer": str,
+        "weight_decay": NUMBER,
+        "schedule": str,
+        "warmup_epochs": NUMBER,
+        "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER},
     },
     "trainer": {"accelerator": str, "devices": (int, str), "precision": str, "strategy": str,
                 "num_workers": int, "channels_last": bool},
@@ -59,6 +65,10 @@ SCHEMA: dict[str, Any] = {
 }
 CHOICES = {
     "data.resize": {"pad", "crop"},
+    "finetune.loss": {"dice", "dice_ce"},
+    "finetune.optimizer": {"adam", "adamw"},
+    "finetune.schedule": {"constant", "warmup_cosine", "poly"},
+    "trainer.precision": {"auto", "32-true", "bf16-mixed", "16-mixed"},
     "explain.target": {"predicted", "ground_truth"},
 }
 INITS = ("random", "imagenet", "simsiam", "swav")
@@ -110,6 +120,14 @@ def validate(params: dict, source: str = "parameters") -> dict:
     if params["data"]["image_size"] < 32 or params["data"]["image_size"] % 32:
         raise ParameterError(f"{source}: data.image_size: expected a multiple of 32 (FPN strides), "
                              f"got {params['data']['image_size']}")
+    fov = params["data"]["field_of_view"]
+    if not 0 < fov <= 1:
+        raise ParameterError(f"{source}: data.field_of_view: expected a fraction in (0, 1] of the squared slice, "
+                             f"got {fov!r}")
+    aug = params["finetune"]["augment"]
+    for key, high in (("rotation_deg", 180), ("scale", 0.5), ("gamma", 0.9)):
+        if not 0 <= aug[key] <= high:
+            raise ParameterError(f"{source}: finetune.augment.{key}: expected a number in [0, {high}], got {aug[key]!r}")
     for init in params["finetune"]["inits"]:
         if init not in INITS:
             raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected {INITS}")

@@ -84,21 +84,25 @@ def validation_curves(histories: dict[str, pd.DataFrame]):
 
 
 def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
-    """Mean (line) and 95% CI (band) of ``value`` against labelled slices, one line per initialisation."""
+    """Mean (line) and 95% patient-level bootstrap interval (band) of ``value`` against labelled slices, one line
+    per initialisation. ``summary`` has the columns of ``stats.bootstrap_mean_ci`` grouped by initialisation and
+    budget (init, mean, ci_low, ci_high, n_patients, optionally n_seeds) and n_labelled."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for init, g in summary.groupby("init"):
         g = g.sort_values("n_labelled")
         colour = INIT_COLOURS.get(init)
         ax.plot(g["n_labelled"], g["mean"], marker="o", color=colour, label=init)
-        # the band is the t interval over seeds, drawn within the metric's range [0, 1]
+        # the band is the patient-level bootstrap interval (none below 2 patients), drawn within [0, 1]
         ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]).clip(0, 1),
                         g["ci_high"].fillna(g["mean"]).clip(0, 1), color=colour, alpha=0.15)
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
     ax.set_xlabel("labelled training slices")
     ax.set_ylabel(value)
-    seeds = int(summary["n"].max()) if len(summary) else 0
-    ax.set_title(f"{value} by label budget (mean and 95% CI over {seeds} seeds)", fontsize=10)
+    patients = int(summary["n_patients"].max()) if len(summary) else 0
+    seeds = f"; {int(summary['n_seeds'].max())} seeds pooled" if "n_seeds" in summary and len(summary) else ""
+    ax.set_title(f"{value} by label budget\n(mean and 95% bootstrap interval over {patients} test patients{seeds})",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -125,15 +129,16 @@ def ef_scatter(ef: pd.DataFrame):
 
 def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, truth, finetune_dir,
                       budget: str = "all"):
-    """Image | ground truth | one prediction per initialisation, on the test slice of median IoU of the
-    initialisation with the best mean test IoU (seed of its first run)."""
+    """Image | ground truth | one prediction per initialisation, on the test slice of median IoU (the study's IoU
+    per slice, model grid) of the initialisation with the best mean test IoU on the model grid
+    (``results["test_iou_model_grid"]``; seed of its first run)."""
     from .explain import predict
     from .finetune import load_trained_model
 
     runs = results[results["budget"] == budget].sort_values(["init", "seed"])
     if runs.empty:
         runs = results.sort_values(["init", "seed"])
-    best_init = runs.groupby("init")["test_iou"].mean().idxmax()
+    best_init = runs.groupby("init")["test_iou_model_grid"].mean().idxmax()
     first = runs[runs["init"] == best_init].iloc[0]
     scores = per_slice[per_slice["run"] == first["name"]]["iou"].reset_index(drop=True).dropna()
     index = int(scores.index[np.argsort(scores.to_numpy(), kind="stable")[len(scores) // 2]])
@@ -144,6 +149,6 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
     for ax, (init, run) in zip(axes[2:], by_init.iterrows()):
         pred = predict(load_trained_model(finetune_dir(run["name"])), images[index:index + 1])[0][0]
         show_slice(ax, images[index], pred, f"{init} ({run['name']})")
-    fig.suptitle(f"test slice {index} (median IoU of {best_init})", fontsize=10)
+    fig.suptitle(f"test slice {index} (median IoU on the model grid of {best_init})", fontsize=10)
     fig.tight_layout()
     return fig

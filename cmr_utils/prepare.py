@@ -9,7 +9,8 @@ into train / validation / test (never a patient in two splits), and writes, atom
     {train,val,test}_slices.csv   one row per slice: patient, phase, frame, slice, spacing (mm), ...
     pool_images.npy               (M, S, S) float16: the unlabelled pretraining pool
     pool_slices.csv               one row per pool slice: source, patient, phase, slice
-    manifest.json                 sources (folder, layout, content hash), parameters, counts
+    manifest.json                 sources (folder, layout, content hash), geometry (image_size, resize,
+                                  field_of_view), parameters, counts
 
 The pool holds every cine frame of the labelled source where it has one (its labelled frames otherwise),
 for the train and validation patients only, plus every volume of the extra sources. It is stored as
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .files import AtomicDir
+from .geometry import SliceGeometry
 from .readers import CardiacVolume, DataError, Source
 
 SPLITS = ("train", "val", "test")
@@ -72,37 +74,17 @@ def normalise_volume(image: np.ndarray, low: float = 1.0, high: float = 99.0) ->
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def resize_volume(image: np.ndarray, label: np.ndarray | None, size: int, mode: str = "pad"):
-    """Make each slice square (``pad`` with zeros around, or ``crop`` the centre), then resize to ``size``.
+def resize_volume(image: np.ndarray, label: np.ndarray | None, size: int, mode: str = "pad",
+                  field_of_view: float = 1.0):
+    """Make each slice square (``pad`` with zeros around, or ``crop`` the centre), keep the central
+    ``field_of_view`` fraction of the square, then resize to ``size`` (``cmr_utils.geometry.SliceGeometry``).
 
     The image is resized bilinearly with antialiasing, the label by nearest neighbour. Returns the resized
     image, label and the factor by which the in-plane pixel spacing grew (new mm / old mm).
     """
-    import torch
-    import torch.nn.functional as F
-
-    if mode not in ("pad", "crop"):
-        raise ValueError(f"resize: expected 'pad' or 'crop', got {mode!r}")
-    z, h, w = image.shape
-    side = max(h, w) if mode == "pad" else min(h, w)
-
-    def square(a, fill=0):
-        out = np.full((z, side, side), fill, dtype=a.dtype)
-        if mode == "pad":
-            y0, x0 = (side - h) // 2, (side - w) // 2
-            out[:, y0:y0 + h, x0:x0 + w] = a
-        else:
-            y0, x0 = (h - side) // 2, (w - side) // 2
-            out[:] = a[:, y0:y0 + side, x0:x0 + side]
-        return out
-
-    img = torch.from_numpy(square(image))[:, None]
-    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
-    lab = None
-    if label is not None:
-        lab = torch.from_numpy(square(label).astype(np.int16))[:, None].float()
-        lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[:, 0].to(torch.uint8).numpy()
-    return img[:, 0].clamp(0, 1).numpy(), lab, side / size
+    geometry = SliceGeometry(image.shape[1], image.shape[2], mode, field_of_view, size)
+    img, lab = geometry.to_model(image, label)
+    return img, lab, geometry.spacing_factor
 
 
 def _slice_rows(vol: CardiacVolume, factor: float) -> list[dict]:
@@ -127,11 +109,17 @@ def content_hash(files: list[Path], root: Path) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: int, resize: str,
                     split_fractions: tuple[float, float, float], split_seed: int,
-                    parameters: dict | None = None) -> dict:
-    """Write the prepared slice sets of ``sources`` (the first one labelled) to ``out_dir``; return the manifest."""
+                    field_of_view: float = 1.0, parameters: dict | None = None) -> dict:
+    """Write the prepared slice sets of ``sources`` (the first one labelled) to ``out_dir``; return the manifest.
+
+    Every slice is squared (``resize``: pad or crop), cut to the central ``field_of_view`` fraction of the
+    square and resized to ``image_size`` (``cmr_utils.geometry.SliceGeometry``; stage 04 maps predictions back
+    with the same rule, from the manifest's ``resize``, ``field_of_view``, ``image_size`` and the slices'
+    ``orig_h``, ``orig_w``)."""
     if not sources:
         raise ValueError("prepare_dataset: no data source given")
     labelled, extras = sources[0], sources[1:]
+    SliceGeometry(1, 1, resize, field_of_view, image_size)  # fails early on a bad mode or field of view
     if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
         raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
                         f"(1 RV, 2 MYO, 3 LV); layout {labelled.layout} has {labelled.labels}")
@@ -149,7 +137,8 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         for name in SPLITS:
             images, labels, rows = [], [], []
             for vol in labelled.volumes(split[name]):
-                img, lab, factor = resize_volume(normalise_volume(vol.image), vol.label, image_size, resize)
+                img, lab, factor = resize_volume(normalise_volume(vol.image), vol.label, image_size, resize,
+                                                  field_of_view)
                 images.append(img)
                 labels.append(lab)
                 rows += _slice_rows(vol, factor)
@@ -163,7 +152,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         pretrain_patients = split["train"] + split["val"]
         for source, members in [(labelled, pretrain_patients)] + [(s, None) for s in extras]:
             for vol in source.cine(members):
-                img, _, _ = resize_volume(normalise_volume(vol.image), None, image_size, resize)
+                img, _, _ = resize_volume(normalise_volume(vol.image), None, image_size, resize, field_of_view)
                 pool.append(img.astype(np.float16))
                 rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
                               phase=vol.phase, slice=k) for k in range(len(img))]
@@ -175,7 +164,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
             "sources": [{"folder": str(s.folder), "layout": s.layout, "patients": len(s.patients()),
                          "content_sha256": content_hash(s.files(), s.folder),
                          "role": "labelled" if s is labelled else "pretraining only"} for s in sources],
-            "image_size": image_size, "resize": resize,
+            "image_size": image_size, "resize": resize, "field_of_view": field_of_view,
             "split": {"fractions": list(split_fractions), "seed": split_seed},
             "counts": counts, "parameters": parameters or {},
         }

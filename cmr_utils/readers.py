@@ -3,6 +3,8 @@
 ``open_source(folder)`` recognises the layout of a folder and returns a ``Source`` whose ``volumes()``
 yield ``CardiacVolume`` objects: image (Z, H, W) float32, label (Z, H, W) uint8 or None, voxel spacing
 (z, y, x) in mm when the files carry it, patient id, phase (ED / ES, or the cine frame) and source name.
+``n_slices(patient)`` / ``slice_counts()`` give the number of 2D slices of those labelled volumes (the sum of
+their Z) from the file headers and HDF5 dataset shapes only, without reading any voxel (the plan uses it).
 
 Supported layouts (see ``LAYOUTS``):
 
@@ -118,6 +120,42 @@ def _read_h5(path: Path, keys=("image", "label")) -> list[np.ndarray]:
         raise DataError(f"{path}: cannot read HDF5 file ({type(err).__name__}: {err})") from err
 
 
+def _nifti_shape(path: Path) -> tuple[int, ...]:
+    """Shape of a NIfTI image in nibabel's (X, Y, Z[, T]) order, from its header only (no voxel is read)."""
+    import nibabel as nib
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception as err:  # nibabel raises several types for truncated or corrupt files
+        raise DataError(f"{path}: cannot read NIfTI header ({type(err).__name__}: {err})") from err
+
+
+def _h5_shape(path: Path, key: str = "image") -> tuple[int, ...]:
+    """Shape of one HDF5 dataset, from its metadata only (no voxel is read)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise DataError(f"{path}: missing dataset(s) {[key]}; found {sorted(f.keys())}")
+            return tuple(int(n) for n in f[key].shape)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: cannot read HDF5 file ({type(err).__name__}: {err})") from err
+
+
+def _depth(shape: tuple[int, ...], axis: int, path: Path) -> int:
+    """Z of a 3D shape (``axis``: where Z is in the file), with the checks ``volumes()`` makes on the shape."""
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
+    if min(shape) < 1:
+        raise DataError(f"{path}: empty volume of shape {shape}")
+    return shape[axis]
+
+
 def _spacing(zooms: tuple[float, ...], path: Path) -> tuple[float, float, float]:
     if len(zooms) != 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
         raise DataError(f"{path}: invalid voxel spacing {zooms} in the header")
@@ -156,6 +194,17 @@ class Source:
 
     def group(self, patient: str) -> str | None:
         return None
+
+    def n_slices(self, patient: str) -> int:
+        """Number of 2D slices of ``patient``'s labelled volumes: the sum of Z over ``volumes([patient])``.
+
+        Layouts override this to read only file headers / dataset shapes; this fallback reads the volumes.
+        """
+        return sum(int(v.image.shape[0]) for v in self.volumes([patient]))
+
+    def slice_counts(self, patients: list[str] | None = None) -> dict[str, int]:
+        """``{patient: n_slices(patient)}`` for ``patients`` (default: every patient), in patient order."""
+        return {p: self.n_slices(p) for p in self._select(patients)}
 
     def files(self) -> list[Path]:
         """Every file this source reads (for the content hash of the manifest)."""
@@ -227,6 +276,13 @@ class AcdcNifti(Source):
                 yield CardiacVolume(patient, phase, image, label, _spacing(zooms, img_path), self.layout,
                                     img_path, frame, info.get("Group"), self.labels)
 
+    def n_slices(self, patient):
+        self._select([patient])
+        info = self.info(patient)
+        return sum(_depth(_nifti_shape(path), 2, path)  # nibabel's (X, Y, Z)
+                   for path in (self.folder / patient / f"{patient}_frame{int(info[phase]):02d}.nii.gz"
+                                for phase in ("ED", "ES")))
+
     def cine(self, patients=None):
         for patient in self._select(patients):
             path = self.folder / patient / f"{patient}_4d.nii.gz"
@@ -279,6 +335,14 @@ class AcdcH5(Source):
                 yield CardiacVolume(patient, phase, image, label, None, self.layout, path, frame, None,
                                     self.labels)
 
+    def n_slices(self, patient):
+        self._select([patient])
+        found = self._frames()[patient]
+        if len(found) != 2:
+            raise DataError(f"{self.folder}: {patient} has frames {found}; expected two (ED and ES)")
+        paths = [self.folder / f"{patient}_frame{frame:02d}.h5" for frame in found]
+        return sum(_depth(_h5_shape(path), 0, path) for path in paths)  # Z first
+
     def files(self):
         return sorted(p for p in self.folder.iterdir() if self._pattern.match(p.name))
 
@@ -313,6 +377,11 @@ class Decathlon(Source):
             yield CardiacVolume(case, "3D", image, label, _spacing(zooms, img_path), self.layout, img_path,
                                 None, None, self.labels)
 
+    def n_slices(self, patient):
+        self._select([patient])
+        path = self.folder / "imagesTr" / f"{patient}.nii.gz"
+        return _depth(_nifti_shape(path), 2, path)  # nibabel's (X, Y, Z)
+
     def files(self):
         meta = [self.folder / "dataset.json"] if (self.folder / "dataset.json").exists() else []
         labels = [self.folder / "labelsTr" / p.name for p in self._images()]
@@ -341,6 +410,11 @@ class La2018H5(Source):
             label = _check_label(np.transpose(label, (2, 1, 0)) if label.ndim == 3 else label, image, path,
                                  self.labels)
             yield CardiacVolume(case, "3D", image, label, None, self.layout, path, None, None, self.labels)
+
+    def n_slices(self, patient):
+        self._select([patient])
+        path = self.folder / patient / "mri_norm2.h5"
+        return _depth(_h5_shape(path), 2, path)  # (X, Y, Z): Z last
 
     def files(self):
         return [self.folder / c / "mri_norm2.h5" for c in self.patients()]

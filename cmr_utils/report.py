@@ -72,3 +72,173 @@ def colophon(ws: Workspace, manifest: dict) -> dict[str, pd.DataFrame | str]:
         "sources": sources,
         "durations": stage_durations(ws.executed),
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the fine-tuning recipe in words
+
+RECIPE_KEYS = ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")
+PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16 mixed precision",
+              "16-mixed": "fp16 mixed precision", "bf16-true": "bf16", "16-true": "fp16"}
+# what the comparison with the study (params/paper.yaml) looks at, and what a difference is called
+PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser",
+            ("finetune", "weight_decay"): "weight decay", ("finetune", "lr"): "learning rate",
+            ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
+            ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs",
+            ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
+            ("finetune", "freeze_below"): "freezing", ("finetune", "budgets"): "label budgets",
+            ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
+            ("data", "image_size"): "image size", ("data", "resize"): "squaring",
+            ("data", "field_of_view"): "field of view"}
+
+
+def _number(x) -> str:
+    """1e-3, 1e-4, 0.06, 40: the way a parameter file is read aloud."""
+    x = float(x)
+    if x != 0 and abs(x) < 0.01:
+        mantissa, exponent = f"{x:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{x:g}"
+
+
+def _epochs(n) -> str:
+    words = {0.5: "half-epoch", 1: "one-epoch", 2: "two-epoch", 3: "three-epoch"}
+    return words.get(float(n), f"{_number(n)}-epoch")
+
+
+def _schedule(schedule: str, warmup_epochs) -> str:
+    warmup = f"{_epochs(warmup_epochs)} linear warm-up then " if warmup_epochs and warmup_epochs > 0 else ""
+    if schedule == "constant":
+        return f"{warmup}constant learning rate"
+    decay = {"warmup_cosine": "cosine decay", "poly": "polynomial decay (power 0.9)"}.get(schedule, schedule)
+    return f"{warmup}{decay} per step" + ("" if warmup else " (no warm-up)")
+
+
+def _augment(augment: dict) -> str:
+    parts = []
+    if augment.get("flips"):
+        parts.append("flips")
+    if augment.get("rotation_deg", 0) > 0:
+        parts.append(f"rotations up to ±{_number(augment['rotation_deg'])}°")
+    if augment.get("scale", 0) > 0:
+        parts.append(f"scaling ±{_number(100 * augment['scale'])} %")
+    if augment.get("gamma", 0) > 0:
+        g = augment["gamma"]
+        parts.append(f"gamma {1 - g:.2g}–{1 / (1 - g):.3g}")
+    if parts == ["flips"]:
+        return "flips only"
+    return ", ".join(parts) or "none"
+
+
+def _input(data: dict) -> str:
+    fov, size = float(data["field_of_view"]), int(data["image_size"])
+    if data["resize"] == "pad":
+        kept = "the whole slice, padded to a square" if fov >= 1 else \
+            f"the slice padded to a square, central {_number(100 * fov)} % kept"
+    else:
+        kept = "the slice's central square (cropped to its shorter side)" + \
+            ("" if fov >= 1 else f", central {_number(100 * fov)} % of it kept")
+    return f"{kept}, resized to {size} px"
+
+
+def _records(results) -> list[dict]:
+    import ast
+
+    rows = results.to_dict("records") if isinstance(results, pd.DataFrame) else list(results or [])
+    out = []
+    for row in rows:
+        if row.get("status", "ok") != "ok":
+            continue
+        recipe = row.get("recipe")
+        if isinstance(recipe, str):  # a recipe read back from runs.csv is the dict's repr
+            recipe = ast.literal_eval(recipe)
+        out.append({**row, "recipe": recipe if isinstance(recipe, dict) else None})
+    return out
+
+
+def _precision(configured: str, recorded: list) -> str:
+    recorded = [p for p in recorded if isinstance(p, str)]
+    if not recorded:
+        return f"precision not recorded by the runs (`trainer.precision: {configured}`)"
+    counts = pd.Series(recorded).value_counts()
+    if len(counts) > 1:
+        return "precision " + ", ".join(f"{PRECISIONS.get(p, p)} ({n} runs)" for p, n in counts.items())
+    used = counts.index[0]
+    words = f"precision {PRECISIONS.get(used, used)}"
+    if configured == "auto":
+        native = "bf16 native on the hardware that trained" if used.startswith("bf16") else \
+            "bf16 not native on the hardware that trained"
+        words += f" (`trainer.precision: auto`: {native})"
+    return words
+
+
+def protocol_differences(params: dict, study: dict) -> list[str]:
+    """What ``params`` does differently from ``study`` (the parameters of params/paper.yaml), in words."""
+    names = []
+    for (section, key), name in PROTOCOL.items():
+        if params[section][key] != study[section][key] and name not in names:
+            names.append(name)
+    return names
+
+
+def describe_recipe(params: dict, results=None, *, profile: str | None = None, data: dict | None = None,
+                    study: dict | None = None) -> str:
+    """The fine-tuning recipe that made the numbers, in one paragraph of Markdown.
+
+    ``params``: the profile's parameters; ``results``: the runs' ``result.json`` contents (a list of dicts or
+    the DataFrame of ``cmr_utils.evaluate.read_results``), whose recorded ``recipe`` and ``precision`` are
+    described (the profile's recipe when no run recorded one; a note when the runs disagree with each other or
+    with the profile); ``data``: the prepared data's manifest (image size, squaring, field of view actually
+    used; the profile's ``data`` section otherwise); ``study``: the study's parameters (``params/paper.yaml``,
+    loaded when not given), to say whether this is the study's protocol and, if not, what differs.
+    """
+    from .params import load_profile
+
+    ft = params["finetune"]
+    runs = _records(results)
+    recorded = [r["recipe"] for r in runs if r["recipe"] is not None]
+    profile_recipe = {k: ft[k] for k in RECIPE_KEYS}
+    notes = []
+    if recorded and all(r == recorded[0] for r in recorded):
+        recipe = {**profile_recipe, **recorded[0]}
+        if recipe != profile_recipe:
+            notes.append("the runs recorded a recipe that differs from the profile's now: stage 03 is out of date")
+    else:
+        recipe = profile_recipe
+        if recorded:
+            notes.append(f"the runs recorded {len({repr(r) for r in recorded})} different recipes: stage 03 is "
+                         f"out of date for some runs; the profile's recipe is described")
+    optimiser = {"adam": "Adam", "adamw": "AdamW"}.get(recipe["optimizer"], recipe["optimizer"])
+    settings = f"lr {_number(ft['lr'])}"
+    if recipe["weight_decay"]:
+        settings += f", weight decay {_number(recipe['weight_decay'])}"
+    loss = {"dice": "Dice loss", "dice_ce": "Dice + cross-entropy loss"}.get(recipe["loss"], recipe["loss"])
+    geometry = {**params["data"], **{k: data[k] for k in ("image_size", "resize", "field_of_view")
+                                     if data and k in data}}
+    name = f" (profile {profile})" if profile else ""
+    epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
+    text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
+            f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
+            f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "
+            f"{ft['freeze_below']} labelled slices; augmentation: {_augment(recipe['augment'])}; input: "
+            f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}.")
+    study = load_profile("paper") if study is None else study
+    differences = protocol_differences({**params, "finetune": {**ft, **recipe}, "data": geometry}, study)
+    if differences:
+        text += f" This is not the study's protocol (see `params/paper.yaml`): it differs in {', '.join(differences)}."
+    else:
+        text += " This is the study's protocol (`params/paper.yaml`)."
+    if notes:
+        text += " Note: " + "; ".join(notes) + "."
+    return text
+
+
+def describe_plan(plan) -> str:
+    """The label budgets of the sweep and those the plan dropped (``cmr_utils.plan.Plan``), in one line."""
+    kept = ", ".join(map(str, plan.budgets))
+    if not plan.dropped:
+        return f"**Label budgets**: {kept} (none dropped: the training split has {plan.n_train_slices} slices)."
+    dropped = ", ".join(map(str, plan.dropped))
+    return (f"**Label budgets**: {kept}; dropped by the plan: {dropped} (the training split has "
+            f"{plan.n_train_slices} slices, so {'these budgets' if len(plan.dropped) > 1 else 'this budget'} "
+            f"would be all labels or more).")

@@ -19,6 +19,13 @@
 # splits. The labelled set holds every end-diastolic (ED) and end-systolic (ES) slice with ground truth; the
 # unlabelled pretraining pool holds every cine frame of the train and validation patients plus the extra
 # sources — never a test patient.
+#
+# Every slice is made square (`data.resize`: `pad` with zeros to its longer side, or `crop` its centre to the
+# shorter side), cut to the central `data.field_of_view` fraction of that square, and resized to
+# `data.image_size` pixels (`cmr_utils.geometry.SliceGeometry`). On the 160 ACDC volumes every labelled structure
+# lies within the central 0.67 of the padded square, so a field of view of 0.8 keeps all of them and magnifies
+# the heart by 1 / 0.8 = 1.25 in each direction; stage 04 maps predictions back through the same rule to score
+# them on each volume's original grid.
 
 # %% tags=["parameters"]
 profile = "default"
@@ -41,7 +48,7 @@ manifest = prepare_dataset(
     sources, ws.prepared,
     image_size=params["data"]["image_size"], resize=params["data"]["resize"],
     split_fractions=(split["train"], split["val"], split["test"]), split_seed=split["seed"],
-    parameters=params["data"],
+    field_of_view=params["data"]["field_of_view"], parameters=params["data"],
 )
 prepared = Prepared.open(ws.prepared)
 manifest["counts"]

@@ -10,7 +10,7 @@
 # # 03 · Fine-tuning one run: FPN-ResNet18 on a label budget
 #
 # **Inputs**: the prepared slices of stage 01; for `simsiam` / `swav` runs, the encoder of stage 02.
-# **Outputs**: `runs/<data>/<profile>/finetune/<run>/`: `model.pt` (the epoch with the best validation IoU),
+# **Outputs**: `runs/<data>/<profile>/finetune/<run>/`: `model.pt` (the epoch with the best validation Dice),
 # `history.csv`, `labelled_slices.csv` (the run's label budget) and `result.json`.
 # **Parameters**: `run` = `{init}-{budget}-s{seed}` and `params/<profile>.yaml`, sections `finetune`, `trainer`.
 #
@@ -28,14 +28,15 @@ from cmr_utils.files import write_json_atomic
 from cmr_utils.finetune import sample_budgets, train_segmentation
 from cmr_utils.models import SSL_INITS, WeightsUnavailable
 from cmr_utils.params import load_profile
-from cmr_utils.plan import finetune_runs
+from cmr_utils.plan import plan_runs
 from cmr_utils.prepare import Prepared
 
 params = load_profile(profile)
 cfg = params["finetune"]
-plan = {r["name"]: r for r in finetune_runs(params)}
+sweep = plan_runs(profile, data)  # the Makefile's plan: budgets >= the training split's slice count are dropped
+plan = {r["name"]: r for r in sweep.runs}
 if run not in plan:
-    raise ValueError(f"run {run!r} is not in profile {profile!r}; expected one of {sorted(plan)}")
+    raise ValueError(sweep.refuse(run))
 init, budget, seed = plan[run]["init"], plan[run]["budget"], plan[run]["seed"]
 ws = paths.workspace(profile, data)
 out = ws.finetune_dir(run)
@@ -44,7 +45,10 @@ prepared = Prepared.open(ws.prepared)
 
 # %%
 train_slices = prepared.slices("train")
-budgets = sample_budgets(len(train_slices), cfg["budgets"], seed)
+if len(train_slices) != sweep.n_train_slices:
+    raise RuntimeError(f"the prepared training split has {len(train_slices)} slices, the plan counted "
+                       f"{sweep.n_train_slices} in {sweep.folder}: stage 01 is out of date; re-run it")
+budgets = sample_budgets(len(train_slices), sweep.budgets, seed)  # the plan's budgets, nested per seed
 indices = budgets[budget]
 train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
 frozen = len(indices) < cfg["freeze_below"]
@@ -57,7 +61,8 @@ try:
     result = train_segmentation(
         prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
         init=init, indices=indices, seed=seed, epochs=cfg["epochs"], batch_size=batch_size, lr=cfg["lr"],
-        freeze_encoder=frozen, flips=cfg["flips"], trainer=params["trainer"],
+        freeze_encoder=frozen, trainer=params["trainer"], name=run,
+        recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
         encoder_path=ws.encoder_path(init) if init in SSL_INITS else None,
     )
 except WeightsUnavailable as err:

@@ -1,9 +1,14 @@
-"""Stage 04's scoring of one run's predictions, and stage 06's explanation numbers, on known cases."""
+"""Stage 04's scoring of one run's predictions (model grid and original grid), and stage 06's explanation
+numbers, on known cases."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from cmr_utils.evaluate import ef_agreement_table, score_predictions
+from cmr_utils.evaluate import (ef_agreement_table, evaluate_run, labelled_source, native_predictions,
+                                predict_probabilities, score_predictions, score_run)
+from cmr_utils.geometry import SliceGeometry, one_hot
+from cmr_utils.prepare import Prepared, prepare_dataset
+from cmr_utils.readers import open_source
 
 
 def two_volumes():
@@ -21,7 +26,7 @@ def two_volumes():
 def test_perfect_prediction_scores_one_and_agrees_on_ef():
     truth, slices = two_volumes()
     scored = score_predictions(truth.copy(), truth, slices)
-    assert scored["split_iou"] == 1.0
+    assert scored["iou_model_grid"] == 1.0
     assert (scored["per_slice"]["iou"] == 1.0).all() and (scored["per_slice"]["dice"] == 1.0).all()
     pv = scored["per_volume"]
     assert len(pv) == 6 and (pv["dice"] == 1.0).all() and (pv["hd95"] == 0.0).all() and set(pv["hd95_unit"]) == {"mm"}
@@ -34,7 +39,7 @@ def test_perfect_prediction_scores_one_and_agrees_on_ef():
 def test_empty_prediction_scores_zero_and_leaves_ef_undefined():
     truth, slices = two_volumes()
     scored = score_predictions(np.zeros_like(truth), truth, slices)
-    assert scored["split_iou"] == 0.0 and (scored["per_volume"]["dice"] == 0.0).all()
+    assert scored["iou_model_grid"] == 0.0 and (scored["per_volume"]["dice"] == 0.0).all()
     assert scored["per_volume"]["hd95"].isna().all()
     assert scored["ef"]["ef_pred"].isna().all() and scored["ef"]["ef_true"].notna().all()
     table = ef_agreement_table(scored["ef"].assign(init="random"))
@@ -47,6 +52,91 @@ def test_unknown_spacing_gives_pixels():
     shifted = np.roll(truth, 2, axis=2)
     pv = score_predictions(shifted, truth, slices)["per_volume"]
     assert set(pv["hd95_unit"]) == {"px"} and pv.loc[pv["structure"] == "LV", "hd95"].max() == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- original grid
+@pytest.fixture(scope="module")
+def prepared(phantom_sources, tmp_path_factory):
+    """The phantom prepared as the CPU profiles do: 64 px, padded, the central 0.8 of the square."""
+    out = tmp_path_factory.mktemp("prep-eval") / "prepared"
+    prepare_dataset([open_source(p) for p in phantom_sources], out, image_size=64, resize="pad",
+                    split_fractions=(0.5, 0.25, 0.25), split_seed=0, field_of_view=0.8)
+    return Prepared.open(out)
+
+
+@pytest.fixture(scope="module")
+def source(prepared):
+    return labelled_source(prepared)
+
+
+def ideal_probabilities(prepared, source):
+    """A perfect model at the model grid's resolution: each class's share of every model pixel."""
+    slices, manifest = prepared.slices("test"), prepared.manifest
+    probs = np.zeros((len(slices), 4, 64, 64), np.float32)
+    for vol in source.volumes(sorted(set(slices["patient"]))):
+        rows = slices.index.get_indexer(slices[(slices["patient"] == vol.patient) & (slices["phase"] == vol.phase)]
+                                        .sort_values("slice").index)
+        probs[rows] = SliceGeometry.from_manifest(manifest, *vol.label.shape[1:]).label_probabilities(vol.label)
+    return probs
+
+
+def test_native_grid_has_the_source_shape(prepared, source):
+    labels = prepared.labels("test")
+    seen = 0
+    for vol, rows, model_grid, native in native_predictions(prepared, source, lambda rows: one_hot(labels[rows])):
+        assert native.shape == vol.label.shape and native.dtype == np.uint8 and vol.spacing is not None
+        assert np.array_equal(model_grid, labels[rows])
+        seen += len(rows)
+    assert seen == len(labels)
+
+
+def test_perfect_model_scores_on_the_original_grid(prepared, source):
+    """The ideal probabilities give native Dice >= 0.97 for every structure and volume, HD95 in mm, EF right;
+    the hard one-hot of the prepared labels (perfect on the model grid) loses about a model pixel at each
+    edge when mapped back to the finer original grid."""
+    ideal = ideal_probabilities(prepared, source)
+    scored = score_run(prepared, source, lambda rows: ideal[rows])
+    pv = scored["per_volume"]
+    assert list(pv.columns) == ["patient", "phase", "structure", "dice", "iou", "hd95", "hd95_unit"]
+    assert len(pv) == 3 * 2 * prepared.slices("test")["patient"].nunique()
+    assert (pv["dice"] >= 0.97).all(), pv.groupby("structure")["dice"].min()
+    assert set(pv["hd95_unit"]) == {"mm"} and (pv["hd95"] < 2.0).all()  # at most about a pixel (1.2-1.9 mm)
+    ef = scored["ef"]
+    assert list(ef.columns) == ["patient", "structure", "ef_true", "ef_pred"] and set(ef["structure"]) == {"LV", "RV"}
+    np.testing.assert_allclose(ef["ef_pred"], ef["ef_true"], atol=1.5)
+
+    labels = prepared.labels("test")
+    hard = score_run(prepared, source, lambda rows: one_hot(labels[rows]))
+    assert hard["iou_model_grid"] == 1.0 and (hard["per_slice"]["iou"].dropna() == 1.0).all()
+    assert list(hard["per_slice"].columns) == ["patient", "phase", "slice", "iou", "dice", "dice_RV", "dice_MYO",
+                                               "dice_LV"]
+    dice = hard["per_volume"].groupby("structure")["dice"]
+    assert (dice.min() > 0.85).all() and (dice.mean() > 0.92).all(), dice.describe()
+
+
+def test_shifted_prediction_scores_lower(prepared, source):
+    ideal = ideal_probabilities(prepared, source)
+    good = score_run(prepared, source, lambda rows: ideal[rows])["per_volume"]
+    bad = score_run(prepared, source, lambda rows: np.roll(ideal[rows], 3, axis=-1))  # 3 model px to the right
+    pv = bad["per_volume"]
+    assert (pv["dice"].to_numpy() < good["dice"].to_numpy()).all() and bad["iou_model_grid"] < 0.9
+    assert (pv["hd95"].to_numpy() > good["hd95"].to_numpy() + 3).all()  # 3 model px > 3 x 1.2 mm x 1.3
+
+
+def test_evaluate_run_with_a_saved_model(prepared, tmp_path, one_thread):
+    import torch
+
+    from cmr_utils.models import build_segmentation_model
+
+    torch.manual_seed(0)
+    model = build_segmentation_model("random").eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    images = prepared.images("test")
+    probs = predict_probabilities(model, images[:3], batch_size=2)
+    assert probs.shape == (3, 4, 64, 64) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    scored = evaluate_run(tmp_path, prepared)  # the source is the one named in the manifest
+    assert len(scored["per_slice"]) == len(images) and 0 <= scored["iou_model_grid"] <= 1
+    assert set(scored["per_volume"]["hd95_unit"]) == {"mm"} and scored["per_volume"]["dice"].between(0, 1).all()
 
 
 def test_explanation_numbers_and_summary():

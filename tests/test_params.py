@@ -17,7 +17,11 @@ def test_paper_profile_holds_the_study_protocol():
     p = P.load_profile("paper")
     assert p["data"]["image_size"] == 224
     ft = p["finetune"]
-    assert ft["epochs"] == 40 and ft["lr"] == 1e-4 and ft["freeze_below"] == 1000 and ft["flips"]
+    assert ft["epochs"] == 40 and ft["lr"] == 1e-4 and ft["freeze_below"] == 1000
+    # the study's recipe exactly: Dice loss, Adam at a constant rate, flips only, the whole slice
+    assert (ft["loss"], ft["optimizer"], ft["weight_decay"], ft["schedule"]) == ("dice", "adam", 0, "constant")
+    assert ft["augment"] == {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0}
+    assert p["data"]["field_of_view"] == 1.0 and p["data"]["resize"] == "pad"
     assert ft["budgets"] == ["all", 1200, 700, 500, 150] and ft["batch_size_all"] == 128
     assert ft["batch_size_budget"] == 32 and set(ft["inits"]) == {"random", "imagenet", "simsiam", "swav"}
 
@@ -33,7 +37,13 @@ def mutate(path, value):
 
 @pytest.mark.parametrize("path,value,message", [
     (("finetune", "epochs"), "40", r"finetune.epochs: expected int, got str '40'"),
-    (("finetune", "flips"), 1, r"finetune.flips: expected bool, got int"),
+    (("finetune", "augment"), {"flips": 1, "rotation_deg": 0, "scale": 0, "gamma": 0},
+     r"finetune.augment.flips: expected bool, got int"),
+    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 1.0}, r"augment.gamma"),
+    (("finetune", "loss"), "focal", r"finetune.loss: expected one of \['dice', 'dice_ce'\]"),
+    (("finetune", "schedule"), "step", r"finetune.schedule: expected one of"),
+    (("trainer", "precision"), "bf16", r"trainer.precision: expected one of"),
+    (("data", "field_of_view"), 1.5, r"data.field_of_view: expected a fraction"),
     (("finetune", "epochs"), True, r"finetune.epochs: expected int, got bool"),
     (("data", "resize"), "stretch", r"data.resize: expected one of \['crop', 'pad'\]"),
     (("data", "image_size"), 100, "multiple of 32"),

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmr_utils.geometry import SliceGeometry
 from cmr_utils.prepare import (Prepared, normalise_volume, prepare_dataset, resize_volume, split_patients,
                                split_pool, summary_table)
 from cmr_utils.readers import DataError, open_source
@@ -48,13 +49,19 @@ def test_normalise_and_resize_known_answers():
     assert img.shape == (2, 10, 10) and factor == 1.0 and np.array_equal(lab, label[:, :, 5:15])
     with pytest.raises(ValueError, match="resize: expected 'pad' or 'crop'"):
         resize_volume(norm, label, 10, "stretch")
+    img, lab, factor = resize_volume(norm, label, 10, "pad", field_of_view=0.5)  # the central 10 x 10 of 20 x 20
+    assert img.shape == (2, 10, 10) and factor == 1.0 and np.array_equal(lab, label[:, :, 5:15])
+    np.testing.assert_allclose(img, norm[:, :, 5:15], atol=1e-6)
+    with pytest.raises(ValueError, match="field_of_view"):
+        resize_volume(norm, label, 10, "pad", field_of_view=0.0)
 
 
 @pytest.fixture(scope="module")
 def prepared(phantom_sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "prepared"
     sources = [open_source(p) for p in phantom_sources]
-    prepare_dataset(sources, out, image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25), split_seed=0)
+    prepare_dataset(sources, out, image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25), split_seed=0,
+                    field_of_view=0.8)
     return Prepared.open(out)
 
 
@@ -75,7 +82,15 @@ def test_prepared_contents(prepared, phantom_sources):
     n_frames = len(list(acdc.cine(acdc.patients()[:1])))
     assert set(pool.loc[pool["source"] == "acdc-nifti", "phase"]) == {f"F{t:02d}" for t in range(1, n_frames + 1)}
     assert "decathlon" in set(pool["source"]) and prepared.pool_images().dtype == np.float16
+    test = prepared.slices("test")  # pixel spacing scaled by the geometry's factor (kept side / 32 px)
+    for vol in acdc.volumes(sorted(set(test["patient"]))):
+        rows = test[(test["patient"] == vol.patient) & (test["phase"] == vol.phase)]
+        factor = SliceGeometry(*vol.image.shape[1:], "pad", 0.8, 32).spacing_factor
+        np.testing.assert_allclose(rows["spacing_y"], vol.spacing[1] * factor)
+        np.testing.assert_allclose(rows["spacing_x"], vol.spacing[2] * factor)
+        assert (rows["orig_h"] == vol.image.shape[1]).all() and (rows["orig_w"] == vol.image.shape[2]).all()
     manifest = prepared.manifest
+    assert manifest["field_of_view"] == 0.8 and manifest["resize"] == "pad" and manifest["image_size"] == 32
     assert [s["layout"] for s in manifest["sources"]] == ["acdc-nifti", "decathlon"]
     assert all(len(s["content_sha256"]) == 64 for s in manifest["sources"])
     assert manifest["counts"]["pool_slices"] == len(pool)
@@ -84,7 +99,7 @@ def test_prepared_contents(prepared, phantom_sources):
 def test_preparation_is_deterministic(prepared, phantom_sources, tmp_path):
     sources = [open_source(p) for p in phantom_sources]
     prepare_dataset(sources, tmp_path / "again", image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
-                    split_seed=0)
+                    split_seed=0, field_of_view=0.8)
     again = Prepared.open(tmp_path / "again")
     assert again.manifest["sources"] == prepared.manifest["sources"]
     for name in ("train", "test"):

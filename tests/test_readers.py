@@ -190,3 +190,73 @@ def test_real_la2018():
     assert src.layout == "la2018-h5" and len(src.patients()) >= 5
     v = next(src.volumes(src.patients()[:1]))
     assert v.image.shape[0] == 88 and set(np.unique(v.label)) == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------ slice counts
+def test_n_slices_every_layout_from_headers_only(tmp_path, rng, monkeypatch):
+    """``n_slices`` = the sum of Z over the patient's labelled volumes, without reading any voxel."""
+    nifti = tmp_path / "nifti"
+    write_acdc_patient(nifti, rng, "patient001", shape=(5, 24, 20))
+    write_acdc_patient(nifti, rng, "patient002", shape=(7, 24, 20))
+    h5 = tmp_path / "h5"
+    h5.mkdir()
+    for pid, z in (("patient003", 3), ("patient004", 8)):
+        for frame in (2, 9):
+            with h5py.File(h5 / f"{pid}_frame{frame:02d}.h5", "w") as f:
+                f["image"], f["label"] = volume(rng, (z, 16, 12)), labels(rng, (z, 16, 12))
+    dec = tmp_path / "dec"
+    for case, z in (("la_003", 6), ("la_004", 9)):
+        write_nifti(dec / "imagesTr" / f"{case}.nii.gz", volume(rng, (z, 20, 18)), (1.37, 1.25, 1.25))
+        write_nifti(dec / "labelsTr" / f"{case}.nii.gz", labels(rng, (z, 20, 18), top=1), (1.37, 1.25, 1.25), np.uint8)
+    la = tmp_path / "la"
+    for case, z in (("CASE01", 6), ("CASE02", 11)):
+        (la / case).mkdir(parents=True)
+        with h5py.File(la / case / "mri_norm2.h5", "w") as f:  # (X, Y, Z): Z last
+            f["image"], f["label"] = volume(rng, (20, 18, z)), labels(rng, (20, 18, z), top=1)
+    expected = {nifti: {"patient001": 10, "patient002": 14}, h5: {"patient003": 6, "patient004": 16},
+                dec: {"la_003": 6, "la_004": 9}, la: {"CASE01": 6, "CASE02": 11}}
+    sources = {folder: open_source(folder) for folder in expected}
+    assert [s.layout for s in sources.values()] == ["acdc-nifti", "acdc-h5", "decathlon", "la2018-h5"]
+    for folder, src in sources.items():  # the same as the volumes' Z, read in full
+        assert {p: sum(v.image.shape[0] for v in src.volumes([p])) for p in src.patients()} == expected[folder]
+
+    def no_voxels(*args, **kwargs):
+        raise AssertionError("n_slices read voxel data")
+
+    monkeypatch.setattr("cmr_utils.readers._read_nifti", no_voxels)
+    monkeypatch.setattr("cmr_utils.readers._read_h5", no_voxels)
+    for folder, src in sources.items():
+        assert src.slice_counts() == expected[folder]
+        first = src.patients()[0]
+        assert src.n_slices(first) == expected[folder][first] and src.slice_counts([first]) == {first: expected[folder][first]}
+        with pytest.raises(DataError, match="unknown patient"):
+            src.n_slices("patient999")
+
+
+def test_n_slices_errors_name_the_file(tmp_path, rng):
+    write_acdc_patient(tmp_path / "nifti", rng)
+    path = tmp_path / "nifti" / "patient001" / "patient001_frame03.nii.gz"
+    path.write_bytes(b"not a NIfTI file")
+    with pytest.raises(DataError, match="patient001_frame03.nii.gz: cannot read NIfTI header"):
+        open_source(tmp_path / "nifti").n_slices("patient001")
+    h5 = tmp_path / "h5"
+    h5.mkdir()
+    with h5py.File(h5 / "patient001_frame01.h5", "w") as f:
+        f["image"] = volume(rng, (3, 8, 8))[0]  # 2D
+    with pytest.raises(DataError, match="patient001 has frames \\[1\\]; expected two"):
+        open_source(h5).n_slices("patient001")
+    with h5py.File(h5 / "patient001_frame08.h5", "w") as f:
+        f["label"] = labels(rng, (3, 8, 8))
+    with pytest.raises(DataError, match=r"frame01.h5: expected a 3D volume, got shape \(8, 8\)"):
+        open_source(h5).n_slices("patient001")
+    (h5 / "patient001_frame01.h5").unlink()
+    with h5py.File(h5 / "patient001_frame01.h5", "w") as f:
+        f["image"] = volume(rng, (3, 8, 8))
+    with pytest.raises(DataError, match=r"frame08.h5: missing dataset\(s\) \['image'\]"):
+        open_source(h5).n_slices("patient001")
+
+
+def test_real_acdc_slice_counts():
+    src = open_source(real_dir("CMR_ACDC_DIR"))
+    patients = src.patients()[:3]
+    assert src.slice_counts(patients) == {p: sum(v.image.shape[0] for v in src.volumes([p])) for p in patients}
