@@ -27,6 +27,7 @@ SCHEMA: dict[str, Any] = {
     },
     "pretrain": {
         "methods": ("list", str),
+        "image_size": int,
         "val_fraction": NUMBER,
         "batch_size": int,
         "max_epochs": int,
@@ -40,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "budgets": ("list", (int, str)),
         "seeds": ("list", int),
         "epochs": int,
+        "epochs_budget": int,
         "batch_size_all": int,
         "batch_size_budget": int,
         "lr": NUMBER,
@@ -120,6 +122,9 @@ def validate(params: dict, source: str = "parameters") -> dict:
     if params["data"]["image_size"] < 32 or params["data"]["image_size"] % 32:
         raise ParameterError(f"{source}: data.image_size: expected a multiple of 32 (FPN strides), "
                              f"got {params['data']['image_size']}")
+    if params["pretrain"]["image_size"] < 32 or params["pretrain"]["image_size"] > params["data"]["image_size"]:
+        raise ParameterError(f"{source}: pretrain.image_size: expected at least 32 and at most data.image_size "
+                             f"({params['data']['image_size']}), got {params['pretrain']['image_size']}")
     fov = params["data"]["field_of_view"]
     if not 0 < fov <= 1:
         raise ParameterError(f"{source}: data.field_of_view: expected a fraction in (0, 1] of the squared slice, "

@@ -84,7 +84,7 @@ PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16 mixed precisi
 PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser",
             ("finetune", "weight_decay"): "weight decay", ("finetune", "lr"): "learning rate",
             ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
-            ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs",
+            ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs", ("finetune", "epochs_budget"): "epochs",
             ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
             ("finetune", "freeze_below"): "freezing", ("finetune", "budgets"): "label budgets",
             ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
@@ -217,6 +217,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
                                      if data and k in data}}
     name = f" (profile {profile})" if profile else ""
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
+    if ft.get("epochs_budget", ft["epochs"]) != ft["epochs"]:
+        epochs += f" with all labels / {_number(ft['epochs_budget'])} with a label budget"
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "

@@ -46,7 +46,7 @@ out = ws.pretrain_dir(method)
 method_kwargs = {k: v for k, v in cfg[method].items() if k != "lr"}
 result = ssl.train_ssl(
     method, pool[train_idx], pool[val_idx], out,
-    image_size=params["data"]["image_size"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
+    image_size=cfg["image_size"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
     patience=cfg["patience"], lr=cfg[method]["lr"], seed=cfg["seed"], num_workers=params["trainer"]["num_workers"],
     trainer_kwargs=trainer_options(params["trainer"]),
     method_kwargs=method_kwargs,
@@ -66,7 +66,7 @@ else:
 ssl.save_encoder(result["backbone_state"], ws.encoder_path(method), {
     "method": method, "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
     "best_val_loss": result["best_val_loss"], "collapsed": result["collapsed"], "parameters": {**{k: v for k, v in cfg.items() if k not in ("simsiam", "swav")}, method: cfg[method]},
-    "image_size": params["data"]["image_size"], "data_manifest_sha256": prepared.manifest_hash,
+    "image_size": cfg["image_size"], "data_manifest_sha256": prepared.manifest_hash,
     "pool_slices": {"train": len(train_idx), "val": len(val_idx)},
 })
 print(json.dumps(json.loads(ws.encoder_path(method).with_suffix(".json").read_text()), indent=1)[:600])

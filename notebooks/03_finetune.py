@@ -53,14 +53,15 @@ indices = budgets[budget]
 train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
 frozen = len(indices) < cfg["freeze_below"]
 batch_size = cfg["batch_size_all"] if budget == "all" else cfg["batch_size_budget"]
+epochs = cfg["epochs"] if budget == "all" else cfg["epochs_budget"]
 print(f"{run}: {len(indices)} labelled slices from {train_slices.iloc[indices]['patient'].nunique()} patients; "
-      f"encoder {'frozen' if frozen else 'trained'}; batch size {batch_size}")
+      f"encoder {'frozen' if frozen else 'trained'}; batch size {batch_size}; {epochs} epochs")
 
 # %%
 try:
     result = train_segmentation(
         prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
-        init=init, indices=indices, seed=seed, epochs=cfg["epochs"], batch_size=batch_size, lr=cfg["lr"],
+        init=init, indices=indices, seed=seed, epochs=epochs, batch_size=batch_size, lr=cfg["lr"],
         freeze_encoder=frozen, trainer=params["trainer"], name=run,
         recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
         encoder_path=ws.encoder_path(init) if init in SSL_INITS else None,
