@@ -212,3 +212,22 @@ def ef_agreement_table(ef: pd.DataFrame) -> pd.DataFrame:
         row = metrics.ef_agreement(valid["ef_true"], valid["ef_pred"]) if len(valid) else {"n": 0}
         rows.append({"init": init, "structure": structure, **row, "undefined": len(g) - len(valid)})
     return pd.DataFrame(rows)
+
+
+def health_checks(results: pd.DataFrame, per_volume: pd.DataFrame, *, flat_drop: float = 0.05,
+                  lost_dice: float = 0.05) -> pd.DataFrame:
+    """Symptoms of a model that did not learn, one row each: a training loss that fell by less than
+    ``flat_drop`` (relative) from the first epoch to the last, and a structure whose mean test Dice is below
+    ``lost_dice`` (the model never predicts it). An empty table means no run shows either."""
+    rows = []
+    for run in results.itertuples():
+        first, last = getattr(run, "train_loss_first", np.nan), getattr(run, "train_loss_last", np.nan)
+        if np.isfinite(first) and np.isfinite(last) and first > 0 and (first - last) / first < flat_drop:
+            rows.append({"run": run.name, "problem": "flat training loss",
+                         "detail": f"train loss {first:.3f} -> {last:.3f} over {run.epochs} epochs"})
+    dice = per_volume.groupby(["run", "structure"])["dice"].mean()
+    for (run, structure), value in dice.items():
+        if value < lost_dice:
+            rows.append({"run": run, "problem": f"{structure} not segmented",
+                         "detail": f"mean test Dice {value:.3f} on the original grid"})
+    return pd.DataFrame(rows, columns=["run", "problem", "detail"])

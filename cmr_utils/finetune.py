@@ -264,10 +264,12 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     history = history_from_csv(run_dir / "log" / "metrics.csv")
     history.to_csv(run_dir / "history.csv", index=False)
     best_row = history.loc[history["val_dice"].idxmax()]
+    losses = history["train_loss"].to_numpy()
     return {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
             "frozen_encoder": freeze_encoder, "epochs": epochs, "best_epoch": int(best_row["epoch"]),
             "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
             "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
+            "train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1]),
             "recipe": module.recipe, "wall_s": round(time.time() - started, 1)}
 
 

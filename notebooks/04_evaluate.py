@@ -71,6 +71,17 @@ unavailable.reindex(columns=["name", "init", "budget", "seed", "reason"]).to_csv
     ws.evaluation / "unavailable.csv", index=False)
 
 # %% [markdown]
+# ## Health check: did every model learn?
+# A training loss that stays flat, or a structure that a model never predicts (mean test Dice below 0.05), is a
+# bug to find, not a property of short runs. The table lists every run that shows either; empty is good.
+
+# %%
+health = evaluate.health_checks(results, per_volume)
+health.to_csv(ws.table("health_checks.csv"), index=False)
+print("every run learned and segments RV, MYO and LV" if health.empty else
+      f"WARNING: {len(health)} problem(s) found:\n{health.to_string(index=False)}")
+
+# %% [markdown]
 # ## The study's table: best train / validation / test IoU per initialisation (all labels)
 # `best_train_iou` (the highest training IoU over the epochs), `best_val_iou` (the validation IoU of the selected
 # epoch, the one of best validation Dice) and `test_iou_model_grid` (the study's IoU of the whole test split on the

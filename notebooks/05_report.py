@@ -102,6 +102,12 @@ unavailable = pd.read_csv(ws.evaluation / "unavailable.csv")
 for init, reason in unavailable.groupby("init")["reason"].first().items():
     display(Markdown(f"> **{init}: unavailable** — not trained, not replaced by random weights. {reason}"))
 display(pd.read_csv(ws.tables / "iou_by_init.csv", header=[0, 1], index_col=0).style.format(precision=3, na_rep="–"))
+health = pd.read_csv(ws.tables / "health_checks.csv")
+display(Markdown("**Health check**: every run's training loss fell and every run segments RV, MYO and LV."
+                 if health.empty else "**Health check: problems found** (a flat training loss, or a structure a "
+                 "model never predicts — numbers from such runs describe a model that did not learn):"))
+if not health.empty:
+    table("health_checks.csv")
 figure("validation_curves.png")
 
 # %% [markdown]

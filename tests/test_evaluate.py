@@ -159,3 +159,18 @@ def test_explanation_numbers_and_summary():
     summary = summarise_numbers(both).set_index("metric")
     assert summary.loc["energy_inside", "mean"] == pytest.approx(numbers["energy_inside"].mean())
     assert summary.loc["energy_inside", "sd_seeds"] == 0.0 and summary.loc["energy_inside", "seeds"] == 2
+
+
+def test_health_checks_flag_flat_losses_and_lost_structures():
+    import pandas as pd
+
+    from cmr_utils.evaluate import health_checks
+
+    results = pd.DataFrame({"name": ["good", "flat"], "epochs": [5, 5], "train_loss_first": [1.2, 0.754],
+                            "train_loss_last": [0.3, 0.753]})
+    per_volume = pd.DataFrame({"run": ["good"] * 3 + ["flat"] * 3, "structure": ["RV", "MYO", "LV"] * 2,
+                               "dice": [0.8, 0.7, 0.9, 0.4, 0.3, 0.0]})
+    found = health_checks(results, per_volume)
+    assert sorted(zip(found["run"], found["problem"])) == [("flat", "LV not segmented"),
+                                                          ("flat", "flat training loss")]
+    assert health_checks(results.iloc[:1], per_volume.iloc[:3]).empty
