@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from cmr_utils.files import atomic_write
-from cmr_utils.training import quiet_lightning
+from cmr_utils.training import EpochLine, quiet_lightning
 from cmr_utils.models import FEATURE_DIM, build_backbone
 
 ENCODER_PREFIX = "backbone."  # how the backbone's keys appear inside a LightningModule checkpoint
@@ -678,7 +678,8 @@ def train_ssl(
         options.update(trainer_kwargs)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
-            callbacks=[early_stopping, checkpoint],
+            callbacks=[early_stopping, checkpoint,
+                       EpochLine(method, n_images=len(train_loader) * batch_size, monitor="embedding_std_ratio")],
             logger=logger,
             default_root_dir=str(out_dir),
             **options,

@@ -64,7 +64,7 @@ class EpochLine(Callback):
         # runs after the epoch's validation: its metrics are in callback_metrics, the training loss is our own sum
         if not trainer.is_global_zero:
             return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") or k == self.monitor}
         m["train_loss"] = self._loss_sum / max(1, self._batches)
         done, total = trainer.current_epoch + 1, trainer.max_epochs
         now = time.perf_counter()

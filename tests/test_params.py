@@ -8,7 +8,7 @@ from cmr_utils.paths import data_tag, run_name, workspace
 from cmr_utils.plan import finetune_runs, make_variables
 
 
-@pytest.mark.parametrize("profile", ["tiny", "default", "paper", "acdc-cpu"])
+@pytest.mark.parametrize("profile", ["tiny", "default", "paper", "acdc-cpu", "paper-check"])
 def test_shipped_profiles_are_valid(profile):
     P.load_profile(profile)
 
@@ -93,3 +93,21 @@ def test_plan_names_every_run_deterministically():
     assert [r["name"] for r in runs][:2] == ["random-all-s0", "random-8-s0"] and run_name("swav", 150, 2) == "swav-150-s2"
     text = make_variables("tiny", "")
     assert "RUNS := random-all-s0 random-8-s0 imagenet-all-s0" in text and "METHODS := simsiam swav" in text
+
+
+def test_paper_check_is_the_paper_profile_made_small():
+    """paper-check runs every stage of the study's protocol on a CPU: only sizes, epochs and seeds may differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    paper, check = flat(P.load_profile("paper")), flat(P.load_profile("paper-check"))
+    assert paper.keys() == check.keys()
+    differ = {k for k in paper if paper[k] != check[k]}
+    assert differ <= {"data.image_size", "data.phantom.patients", "data.phantom.extra_cases", "data.phantom.frames",
+                      "pretrain.image_size", "pretrain.max_epochs", "pretrain.patience", "finetune.seeds",
+                      "finetune.epochs", "finetune.epochs_budget", "trainer.accelerator", "trainer.num_workers",
+                      "explain.max_slices"}, differ
+    assert check["finetune.budgets"] == paper["finetune.budgets"] and check["finetune.loss"] == "dice"
