@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import numpy as np
 import pytest
 
 from cmr_utils.paths import NOTEBOOKS_DIR, PROJ_ROOT, workspace
@@ -69,14 +70,30 @@ def test_second_make_report_does_nothing(tiny_report):
     assert not (PROJ_ROOT / "runs" / "phantom" / "tiny").exists()  # nothing written into the project
 
 
-def test_a_failed_stage_leaves_no_finished_output(tmp_path):
+def test_an_unreadable_data_folder_stops_at_the_plan(tmp_path):
     (tmp_path / "notes.txt").write_text("not cardiac MRI")
+    done = make("prepare", "PROFILE=tiny", f"DATA={tmp_path}", check=False)
+    assert done.returncode != 0 and "unrecognised data layout" in done.stdout + done.stderr
+    ws = workspace("tiny", str(tmp_path))
+    assert not ws.executed.exists() and not ws.prepared.exists()  # no stage ran
+
+
+def test_a_failed_stage_leaves_no_finished_output(tmp_path):
+    """Files whose headers are fine (so the plan is made) but whose voxels are broken fail inside stage 01."""
+    import h5py
+
+    for k in range(1, 5):
+        for frame in (1, 12):
+            image = np.random.default_rng(k).random((3, 32, 32)).astype(np.float32)
+            image[0, 0, 0] = np.nan
+            with h5py.File(tmp_path / f"patient{k:03d}_frame{frame:02d}.h5", "w") as f:
+                f["image"], f["label"] = image, np.zeros((3, 32, 32), np.uint8)
     done = make("prepare", "PROFILE=tiny", f"DATA={tmp_path}", check=False)
     assert done.returncode != 0
     ws = workspace("tiny", str(tmp_path))
     assert not (ws.executed / "01_prepare_data.ipynb").exists() and not ws.prepared.exists()
     failed = ws.executed / "01_prepare_data.failed.ipynb"
-    assert failed.exists() and "unrecognised data layout" in failed.read_text()
+    assert failed.exists() and "NaN or infinite" in failed.read_text()
 
 
 def test_imagenet_runs_once_the_weights_are_cached(tiny_report):
