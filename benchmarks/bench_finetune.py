@@ -13,6 +13,7 @@ import contextlib
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,8 @@ def lightning_loop_throughput(size, batch, device, precision, channels_last, ste
                          callbacks=[timer.callback])
     # the wall time of whole epochs counts the loop's own work between batches as well
     loader = slice_loader(SliceBatches(images, labels), batch, shuffle=True)
-    with quiet_lightning():
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*no `val_dataloader`.*")  # timing the training loop alone
         started = time.perf_counter()
         trainer.fit(module, loader)
         wall = time.perf_counter() - started
