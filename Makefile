@@ -66,8 +66,8 @@ PREP = $(EXE)/01_prepare_data.ipynb
 PRETRAIN = $(METHODS:%=$(EXE)/02_pretrain-%.ipynb)
 FINETUNE = $(RUNS:%=$(EXE)/03_finetune-%.ipynb)
 EVALUATE = $(EXE)/04_evaluate.ipynb
-EXPLAIN = $(EXE)/06_explain.ipynb
-REPORT = $(EXE)/05_report.ipynb
+EXPLAIN = $(EXE)/05_explain.ipynb
+REPORT = $(EXE)/06_report.ipynb
 
 # papermill NOTEBOOK [-p name value ...]: runs notebooks/NOTEBOOK.py (the paired .py is the source), writes
 # to a temporary name and renames on success; a failed run is kept as *.failed.ipynb for reading.
@@ -86,7 +86,7 @@ prepare: $(PREP) ## stage 01: patient-level splits and slice sets
 pretrain: $(PRETRAIN) ## stage 02: SimSiam and SwAV pretraining
 finetune: $(FINETUNE) ## stage 03: the fine-tuning sweep (init x budget x seed)
 evaluate: $(EVALUATE) ## stage 04: test-set evaluation, ACDC metrics, statistics across seeds
-explain: $(EXPLAIN) ## stage 06: Seg-Grad-CAM and explanation numbers
+explain: $(EXPLAIN) ## stage 05: Seg-Grad-CAM and explanation numbers
 report: $(REPORTS_DIR)/report.html ## every stage, then reports/<data>/<profile>/report.html
 	@ln -sfn $(TAG)/$(PROFILE)/report.html $(OUTPUT_ROOT)/reports/report.html
 	@echo "report: $(REPORTS_DIR)/report.html (also linked as $(OUTPUT_ROOT)/reports/report.html)"
@@ -109,11 +109,11 @@ $(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB)
 $(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB)
 	$(call papermill,04_evaluate)
 
-$(EXPLAIN): notebooks/06_explain.py $(EVALUATE) $(LIB)
-	$(call papermill,06_explain)
+$(EXPLAIN): notebooks/05_explain.py $(EVALUATE) $(LIB)
+	$(call papermill,05_explain)
 
-$(REPORT): notebooks/05_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB)
-	$(call papermill,05_report)
+$(REPORT): notebooks/06_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB)
+	$(call papermill,06_report)
 
 $(REPORTS_DIR)/report.html: $(REPORT)
 	$(PY) -m jupyter nbconvert --to html --no-input --log-level WARN --output-dir $(@D) --output report.tmp $<

@@ -1,4 +1,4 @@
-"""Stage 04's scoring of one run's predictions (model grid and original grid), and stage 06's explanation
+"""Stage 04's scoring of one run's predictions (model grid and original grid), and stage 05's explanation
 numbers, on known cases."""
 import numpy as np
 import pandas as pd

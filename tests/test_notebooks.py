@@ -47,7 +47,7 @@ def test_make_report_tiny_produces_every_output(tiny_report):
     ws = tiny_report
     executed = sorted(p.name for p in ws.executed.glob("*.ipynb"))
     assert executed[:3] == ["01_prepare_data.ipynb", "02_pretrain-simsiam.ipynb", "02_pretrain-swav.ipynb"]
-    assert "03_finetune-simsiam-8-s0.ipynb" in executed and "06_explain.ipynb" in executed
+    assert "03_finetune-simsiam-8-s0.ipynb" in executed and "05_explain.ipynb" in executed
     assert not [n for n in executed if n.endswith((".tmp.ipynb", ".failed.ipynb", ".src.ipynb"))]
     for name in ("data_samples.png", "pretrain_loss_simsiam.png", "pretrain_loss_both.png", "validation_curves.png",
                  "budget_curve.png", "ef_agreement.png", "sample_prediction.png"):
