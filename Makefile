@@ -4,6 +4,8 @@
 #   make report DATA=/path/to/ACDC   the same on real ACDC (official NIfTI release or SSL4MIS HDF5);
 #                                    more folders, comma-separated, add pretraining-only sources
 #   make report PROFILE=paper        the study's full protocol (224 px, 40 epochs, all budgets; for a GPU)
+#   make report EXTERNAL=/a,/b       also score every run on labelled folders of other datasets (any layout)
+#   make predict RUN=random-all-s0 INPUT=/scans OUTPUT=/masks   segment new scans with a trained run
 #   make test                        the test suite
 #   JOBS=1                           one run at a time (default: one per core)
 #
@@ -19,14 +21,23 @@ MAKEFLAGS += --no-builtin-rules
 
 # Independent runs go in parallel, one per core, each with its share of the cores: two processes with one thread
 # each train about 1.5x faster here than one with two, and oversubscribed threads are about 10x slower.
+# Output is not synchronised (no --output-sync): each training run's per-epoch lines must reach the terminal while
+# it runs; every line names its run, so the lines of parallel runs read apart.
 NPROC := $(shell nproc 2>/dev/null || echo 1)
-JOBS ?= $(NPROC)
-MAKEFLAGS += -j$(JOBS) --output-sync=target
+# On a GPU machine several runs share the GPU, so that kernel start-up and each run's CPU-side work overlap: one
+# run per GIB_PER_RUN GiB of the first GPU's memory (16: a 224 px run at the study's batch sizes in bf16, an
+# estimate), at most one per core. With trainer.devices > 1 (every run on every GPU) use JOBS=1.
+GPU_GIB := $(shell nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | awk 'NR==1 {print int($$1 / 1024)}')
+GIB_PER_RUN ?= 16
+JOBS ?= $(if $(GPU_GIB),$(shell j=$$(( $(GPU_GIB) / $(GIB_PER_RUN) )); j=$$(( j < $(NPROC) ? j : $(NPROC) )); echo $$(( j > 0 ? j : 1 ))),$(NPROC))
+MAKEFLAGS += -j$(JOBS)
 jobs = $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),$(NPROC))
 threads = $(shell t=$$(( $(NPROC) / $(jobs) )); echo $$(( t > 0 ? t : 1 )))
 
 PROFILE ?= default
 DATA ?=
+EXTERNAL ?=
+PROFILES := $(sort $(basename $(notdir $(wildcard params/*.yaml))))
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -42,7 +53,8 @@ help: ## list the targets
 
 # ------------------------------------------------------------------------------------------ environment
 env: $(STAMP) ## create the virtual environment, pinned packages and the Jupyter kernel
-$(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py tools/cmr_torchvision_shim.py
+$(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py tools/cmr_torchvision_shim.py \
+		tools/ipython_kernel_config.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -52,15 +64,18 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py too
 
 # ------------------------------------------------------------------------------------------ the plan
 # Run names, folders and the data tag come from cmr_utils (the one module that knows the layout).
-PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s' "$(DATA)" "$(CMR_OUTPUT_ROOT)" | cksum | cut -d' ' -f1).mk
-$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py cmr_utils/readers.py cmr_utils/prepare.py
+PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s|%s' "$(DATA)" "$(CMR_OUTPUT_ROOT)" "$(EXTERNAL)" | cksum | cut -d' ' -f1).mk
+$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py $(wildcard cmr_utils/readers/*.py) cmr_utils/prepare.py
 	@mkdir -p $(dir $@)
-	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --make > $@.tmp && mv $@.tmp $@
+	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --external "$(EXTERNAL)" --make > $@.tmp && mv $@.tmp $@
 ifneq ($(filter report prepare pretrain finetune evaluate explain clean-outputs,$(MAKECMDGOALS)),)
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error profile '$(PROFILE)' does not exist (no params/$(PROFILE).yaml); the profiles that exist: $(PROFILES))
+endif
 include $(PLAN)
 endif
 
-LIB := $(wildcard cmr_utils/*.py) params/$(PROFILE).yaml $(STAMP)
+LIB := $(wildcard cmr_utils/*.py cmr_utils/*/*.py) params/$(PROFILE).yaml $(STAMP)
 EXE = $(REPORTS_DIR)/executed
 PREP = $(EXE)/01_prepare_data.ipynb
 PRETRAIN = $(METHODS:%=$(EXE)/02_pretrain-%.ipynb)
@@ -69,15 +84,23 @@ EVALUATE = $(EXE)/04_evaluate.ipynb
 EXPLAIN = $(EXE)/05_explain.ipynb
 REPORT = $(EXE)/06_report.ipynb
 
-# papermill NOTEBOOK [-p name value ...]: runs notebooks/NOTEBOOK.py (the paired .py is the source), writes
-# to a temporary name and renames on success; a failed run is kept as *.failed.ipynb for reading.
+# position of word $(1) in the list $(2), counted from 1: $(call position,b,a b c) is 2
+position = $(words $(call upto,$(1),$(2)))
+upto = $(if $(2),$(firstword $(2)) $(if $(filter $(1),$(firstword $(2))),,$(call upto,$(1),$(wordlist 2,$(words $(2)),$(2)))))
+
+# papermill NOTEBOOK,[-p name value ...],[where the sweep stands]: runs notebooks/NOTEBOOK.py (the paired .py is
+# the source), writes to a temporary name and renames on success; a failed run is kept as *.failed.ipynb for
+# reading. One line when a stage starts and one when it ends; in between, each training run prints one line per
+# epoch on stderr (CMR_PROGRESS=plain, cmr_utils/training.py), which the kernel inherits from Make.
 define papermill
 @mkdir -p $(@D)
-@echo "[$(PROFILE)/$(TAG)] $(notdir $@)"
+@echo "[$(PROFILE)/$(TAG)] $(notdir $@): started$(if $(3), · $(3))"
 @$(PY) -m jupytext --quiet --to ipynb -o $@.src.ipynb notebooks/$(1).py
-@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
+@CMR_PROGRESS=plain OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
 	-p profile $(PROFILE) -p data "$(DATA)" $(2) \
-	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; rm -f $@.src.ipynb; exit 1; }
+	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; rm -f $@.src.ipynb; \
+	     echo "[$(PROFILE)/$(TAG)] $(notdir $@): FAILED after $$SECONDS s; read $(@:.ipynb=.failed.ipynb)" >&2; exit 1; }; \
+	echo "[$(PROFILE)/$(TAG)] $(notdir $@): done in $$((SECONDS / 60)) min $$((SECONDS % 60)) s$(if $(3), · $(3))"
 @rm -f $@.src.ipynb $(@:.ipynb=.failed.ipynb)
 @mv $@.tmp.ipynb $@
 endef
@@ -95,7 +118,7 @@ $(PREP): notebooks/01_prepare_data.py $(LIB)
 	$(call papermill,01_prepare_data)
 
 $(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: notebooks/02_pretrain.py $(PREP) $(LIB)
-	$(call papermill,02_pretrain,-p method $*)
+	$(call papermill,02_pretrain,-p method $*,pretraining $(call position,$*,$(METHODS)) of $(words $(METHODS)))
 
 # an SSL-initialised run also waits for (and re-runs after) its method's pretraining
 ssl_prereq = $(if $(filter simsiam swav,$(firstword $(subst -, ,$(1)))),$(EXE)/02_pretrain-$(firstword $(subst -, ,$(1))).ipynb)
@@ -104,16 +127,22 @@ TORCH_HUB := $(or $(TORCH_HOME),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/torch),
 imagenet_prereq = $(if $(filter imagenet,$(firstword $(subst -, ,$(1)))),$(wildcard $(TORCH_HUB)/checkpoints/resnet18-*.pth))
 $(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB) $$(call ssl_prereq,$$*) \
 		$$(call imagenet_prereq,$$*)
-	$(call papermill,03_finetune,-p run $*)
+	$(call papermill,03_finetune,-p run $*,fine-tuning run $(call position,$*,$(RUNS)) of $(words $(RUNS)))
 
-$(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB)
-	$(call papermill,04_evaluate)
+# the EXTERNAL= value as a file that changes only when the value does: stages 04 and 06 re-run when it changes
+EXTERNAL_VALUE = $(RUNS_DIR)/evaluate/external.txt
+$(EXTERNAL_VALUE): FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' "$(EXTERNAL)" | cmp -s - $@ || printf '%s\n' "$(EXTERNAL)" > $@
+
+$(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB) $(EXTERNAL_VALUE)
+	$(call papermill,04_evaluate,-p external "$(EXTERNAL)")
 
 $(EXPLAIN): notebooks/05_explain.py $(EVALUATE) $(LIB)
 	$(call papermill,05_explain)
 
-$(REPORT): notebooks/06_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB)
-	$(call papermill,06_report)
+$(REPORT): notebooks/06_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB) $(EXTERNAL_VALUE)
+	$(call papermill,06_report,-p external "$(EXTERNAL)")
 
 $(REPORTS_DIR)/report.html: $(REPORT)
 	$(PY) -m jupyter nbconvert --to html --no-input --log-level WARN --output-dir $(@D) --output report.tmp $<
@@ -139,3 +168,17 @@ clean-outputs: ## delete the runs and reports of this PROFILE and DATA
 	rm -rf $(RUNS_DIR) $(REPORTS_DIR)
 
 .PHONY: help env prepare pretrain finetune evaluate explain report test lab bench sync clean-outputs
+
+# ------------------------------------------------------------------------------------------ new scans
+# make predict RUN=<init>-<budget>-s<seed> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...] [LABEL_MAP=1:3,2:2,3:1]
+# The run is looked up in the workspace of PROFILE and DATA (where it was trained); INPUT may hold any supported
+# layout; OUTPUT gets <case>_pred.nii.gz (the input's grid and header) and volumes.csv. See README "Predict on new scans".
+RUN ?=
+INPUT ?=
+OUTPUT ?=
+LABEL_MAP ?=
+predict: $(STAMP) ## segment the scans of INPUT with run RUN into OUTPUT (NIfTI masks and volumes.csv)
+	$(PY) -m cmr_utils.predict_scans --run "$(RUN)" --input "$(INPUT)" --output "$(OUTPUT)" --profile $(PROFILE) \
+		--data "$(DATA)" $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)")
+
+.PHONY: predict FORCE

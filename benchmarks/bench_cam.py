@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cmr_utils.explain import STRUCTURES, predict, seg_grad_cam  # noqa: E402
+from cmr_utils.explain import seg_grad_cam  # noqa: E402
+from cmr_utils.inference import predict  # noqa: E402
+from cmr_utils.metrics import STRUCTURES  # noqa: E402
 
 
 def synthetic_slices(n, size, seed=0):

@@ -24,28 +24,8 @@ import pandas as pd
 from . import metrics
 from .finetune import load_trained_model
 from .geometry import SliceGeometry
+from .inference import predict_probabilities
 from .readers import CardiacVolume, DataError, Source, open_source
-
-
-# ---------------------------------------------------------------------------------------------- prediction
-def predict_probabilities(model, images, batch_size: int = 16) -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float32 of images (N, H, W) in [0, 1], in batches, under
-    ``torch.no_grad`` on the model's device (put the model in eval mode yourself). The model maps
-    (B, 1, H, W) to logits (B, C, H, W)."""
-    import torch
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if np.ndim(images) != 3 or len(images) == 0:
-        raise ValueError(f"images must have shape (N, H, W) with N >= 1, got {np.shape(images)}")
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32))[:, None].to(device)
-            out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
-    return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -190,6 +170,101 @@ def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, devic
     images = prepared.images("test")
     source = labelled_source(prepared) if source is None else source
     return score_run(prepared, source, lambda rows: predict_probabilities(model, images[rows], batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- external data
+def score_source(segment: Callable[[CardiacVolume], np.ndarray], source: Source) -> dict:
+    """Every labelled volume of an external ``source`` segmented by ``segment`` (a ``CardiacVolume`` -> its label
+    map on the volume's own grid, e.g. ``cmr_utils.predict_scans.TrainedRun.segment``) and scored as the test
+    split is (``score_volume``, ``ef_table``): ``per_volume`` (with the layout's vendor and centre where it
+    carries them) and ``ef``. Unlabelled volumes are skipped; a source without any is an error."""
+    rows, volumes, meta = [], [], {}
+    for vol in source.volumes():
+        if vol.label is None:
+            continue
+        scores, vols = score_volume(vol.patient, vol.phase, np.asarray(segment(vol), dtype=np.uint8), vol.label,
+                                    vol.spacing)
+        rows += scores
+        volumes += vols
+        meta[vol.patient] = {k: vol.meta.get(k) for k in ("vendor", "centre") if vol.meta.get(k) is not None}
+    if not rows:
+        raise DataError(f"{source.folder}: no labelled volume to score ({source.layout}); external validation needs "
+                        "label files")
+    per_volume = pd.DataFrame(rows)
+    for column in sorted({k for m in meta.values() for k in m}):
+        per_volume[column] = per_volume["patient"].map(lambda p: meta[p].get(column))
+    return {"per_volume": per_volume, "ef": ef_table(pd.DataFrame(volumes))}
+
+
+def external_validation(results: pd.DataFrame, sources: dict[str, Source], profile: str,
+                        data: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every run of ``results`` (its validation-selected model, with the preprocessing it was trained with:
+    ``cmr_utils.predict_scans.open_run``) scored on every external ``source`` on each volume's own grid
+    (``score_source``): ``(per_volume, ef)`` with the run keys and ``dataset``, ``layout`` columns."""
+    from .predict_scans import open_run
+
+    per_volume, ef = [], []
+    for run in results.itertuples():
+        trained = open_run(run.name, profile, data)
+        keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
+        for name, source in sources.items():
+            scored = score_source(trained.segment, source)
+            per_volume.append(scored["per_volume"].assign(dataset=name, layout=source.layout, **keys))
+            ef.append(scored["ef"].assign(dataset=name, layout=source.layout, **keys))
+    return pd.concat(per_volume, ignore_index=True), pd.concat(ef, ignore_index=True)
+
+
+def external_tables(internal: pd.DataFrame, external: pd.DataFrame, *, n_boot: int = 2000,
+                    seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cross-dataset table and the drop from the internal test split, both on the native grid.
+
+    ``internal``: stage 04's ``per_volume`` (budget ``all``); ``external``: ``score_source``'s rows with
+    ``dataset`` (and ``vendor`` where the layout says) and the run keys. The value is the 3D Dice of a patient
+    and phase, mean over RV, MYO and LV. ``cross``: per initialisation, dataset (``internal test`` first) and
+    vendor (``all`` plus each vendor), the mean Dice and its 95 % patient-level bootstrap interval
+    (``cmr_utils.stats.bootstrap_mean_ci``). ``drop``: per initialisation and external dataset, external minus
+    internal mean Dice with a 95 % interval from resampling the patients of both sets independently."""
+    from . import stats
+
+    keys = ["init", "seed", "patient", "phase"]
+    inside = internal.groupby(keys)["dice"].mean().reset_index().assign(dataset="internal test", vendor="all")
+    ext_keys = keys + ["dataset"] + (["vendor"] if "vendor" in external else [])
+    outside = external.groupby(ext_keys, dropna=False)["dice"].mean().reset_index()
+    outside["patient"] = outside["dataset"] + "/" + outside["patient"].astype(str)  # patients of different sets
+    by_vendor = outside[outside["vendor"].notna()] if "vendor" in outside else outside.iloc[:0]
+    frames = [inside, outside.assign(vendor="all"), by_vendor]
+    cross = stats.bootstrap_mean_ci(pd.concat(frames, ignore_index=True), "dice", by=["init", "dataset", "vendor"],
+                                    n_boot=n_boot, seed=seed)
+    order = {"internal test": 0}
+    cross = cross.sort_values(["init", "dataset", "vendor"], key=lambda c: c.map(order).fillna(1)
+                              if c.name == "dataset" else c).reset_index(drop=True)
+
+    rows = []
+    for (init, dataset), ext in outside.groupby(["init", "dataset"]):
+        inn = inside[inside["init"] == init]
+        a, b = _patient_means(inn, n_boot, seed), _patient_means(ext, n_boot, seed + 1)
+        diff = b[1] - a[1]
+        low, high = np.percentile(diff, [2.5, 97.5]) if np.isfinite(diff).all() else (np.nan, np.nan)
+        rows.append({"init": init, "dataset": dataset, "internal_dice": a[0], "external_dice": b[0],
+                     "drop": b[0] - a[0], "ci_low": low, "ci_high": high,
+                     "n_internal_patients": inn["patient"].nunique(), "n_external_patients": ext["patient"].nunique()})
+    drop = pd.DataFrame(rows, columns=["init", "dataset", "internal_dice", "external_dice", "drop", "ci_low",
+                                       "ci_high", "n_internal_patients", "n_external_patients"])
+    return cross, drop
+
+
+def _patient_means(df: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, np.ndarray]:
+    """The mean of ``dice`` over rows and ``n_boot`` patient-level bootstrap resamples of it (NaN with fewer than
+    two patients): the same resampling as ``cmr_utils.stats.bootstrap_mean_ci``."""
+    finite = df[np.isfinite(df["dice"].to_numpy(dtype=np.float64))]
+    per = finite.groupby("patient")["dice"].agg(["sum", "count"])
+    sums, counts = per["sum"].to_numpy(np.float64), per["count"].to_numpy(np.float64)
+    mean = float(sums.sum() / counts.sum()) if counts.sum() else np.nan
+    if len(sums) < 2:
+        return mean, np.full(n_boot, np.nan)
+    from .stats import _cluster_bootstrap  # the resampling of bootstrap_mean_ci, kept as draws for a difference
+
+    return mean, _cluster_bootstrap(sums, counts, n_boot, seed)
 
 
 def read_results(runs: list[dict], finetune_dir) -> pd.DataFrame:

@@ -2,7 +2,8 @@
 
 - ``sample_budgets`` draws nested label budgets (150 within 500 within 700 within 1200) from the
   training split only, per seed.
-- ``SliceBatches`` / ``slice_loader``: the slices in memory as tensors, one gather per batch;
+- ``SliceBatches`` / ``slice_loader``: the slices in memory as tensors (on the training device, GPU included),
+  one gather per batch; with several processes each takes its share of every batch (``cmr_utils.distributed``);
 - ``SegmentationModule`` is the LightningModule: the recipe (loss, optimiser, learning-rate schedule, joint
   augmentation of whole batches on their device) comes from the profile; the study's IoU on train and
   validation each epoch (micro-averaged over the three foreground classes, see ``cmr_utils.metrics``) and
@@ -19,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import augment_batch
+from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
 from .files import atomic_write
 from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
-from .training import EpochLine, quiet_lightning, trainer_options
+from .training import FORK_STRATEGIES, EpochLine, quiet_lightning, trainer_options
 
 STRUCTURES = ("RV", "MYO", "LV")
 
@@ -50,9 +53,10 @@ def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarr
 class SliceBatches(Dataset):
     """Training or validation slices held in memory as tensors; indexed by a whole list of positions at once.
 
-    Used with ``batch_size=None`` and a ``BatchSampler`` (see ``slice_loader``), one batch is one tensor
-    gather: no per-sample numpy-to-torch conversion and no collate step. Augmentation happens later, on the
-    batch and on its device (``cmr_utils.augment``).
+    Used with ``batch_size=None`` and a sampler of position lists (see ``slice_loader``), one batch is one
+    tensor gather: no per-sample numpy-to-torch conversion and no collate step. ``to(device)`` moves the set
+    onto the training device (labels kept as uint8 there: 8x less memory than int64). Augmentation happens
+    later, on the batch and on its device (``cmr_utils.augment``).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None = None):
@@ -60,23 +64,35 @@ class SliceBatches(Dataset):
             raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
         indices = np.arange(len(images)) if indices is None else np.asarray(indices)
         self.images = torch.from_numpy(np.asarray(images, dtype=np.float32)[indices])[:, None]
-        self.labels = torch.from_numpy(np.asarray(labels)[indices].astype(np.int64))
+        self.labels = torch.from_numpy(np.asarray(labels)[indices].astype(np.uint8))
+
+    def to(self, device) -> "SliceBatches":
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, positions):
-        return self.images[positions], self.labels[positions]
+        return self.images[positions], self.labels[positions].long()
 
 
 def slice_loader(dataset: SliceBatches, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of ``dataset`` (the last, short batch dropped when shuffling a set larger than one batch)."""
-    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+    """Batches of ``dataset`` (the last, short batch dropped when shuffling a set larger than one batch); in a
+    process of several, this process's share of them (``cmr_utils.distributed.ShardedBatches``)."""
+    return DataLoader(dataset, sampler=ShardedBatches(len(dataset), batch_size, shuffle, seed), batch_size=None)
 
-    order = (RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle
-             else SequentialSampler(dataset))
-    sampler = BatchSampler(order, batch_size, drop_last=shuffle and len(dataset) > batch_size)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+class DataOnDevice(Callback):
+    """Moves in-memory slice sets to the model's device when training starts, in each training process (the
+    fork-based launcher forbids CUDA in the process it forks from, so the move cannot happen earlier)."""
+
+    def __init__(self, *datasets: SliceBatches):
+        self.datasets = datasets
+
+    def on_fit_start(self, trainer, module):
+        for dataset in self.datasets:
+            dataset.to(module.device)
 
 
 def segmentation_loss(name: str):
@@ -131,7 +147,8 @@ class SegmentationModule(_lightning().LightningModule):
     """
 
     def __init__(self, init: str = "random", encoder_path: str | None = None, lr: float = 1e-4,
-                 freeze_encoder: bool = False, channels_last: bool = False, recipe: dict | None = None):
+                 freeze_encoder: bool = False, channels_last: bool = False, recipe: dict | None = None,
+                 compile: bool = False):
         super().__init__()
         recipe = {**DEFAULT_RECIPE, **(recipe or {})}
         self.save_hyperparameters()
@@ -140,6 +157,8 @@ class SegmentationModule(_lightning().LightningModule):
         set_encoder_frozen(self.model, freeze_encoder)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()  # in place: the state_dict keys stay those of the plain model
         self.loss = segmentation_loss(recipe["loss"])
         self._stats = {}
 
@@ -147,6 +166,10 @@ class SegmentationModule(_lightning().LightningModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+    def on_fit_start(self):
+        if self.trainer.world_size > 1:  # forked processes start with one random state: each its own augmentations
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def on_train_epoch_start(self):
         if self.hparams.freeze_encoder:
@@ -166,9 +189,12 @@ class SegmentationModule(_lightning().LightningModule):
         classes = torch.arange(N_CLASSES, device=pred.device)[:, None]
         pred_1h, true_1h = pred.reshape(1, -1) == classes, label.reshape(1, -1) == classes
         tp = (pred_1h & true_1h).sum(1)
-        acc = self._stats.setdefault(stage, torch.zeros(3, N_CLASSES, dtype=torch.float64, device=self.device))
-        acc += torch.stack([tp, pred_1h.sum(1) - tp, true_1h.sum(1) - tp]).to(acc)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(image), sync_dist=True)
+        # sums over the epoch, reduced across processes once at its end (``_log_scores``)
+        stats = self._stats.setdefault(stage, {
+            "counts": torch.zeros(3, N_CLASSES, dtype=torch.float64, device=self.device),
+            "loss": torch.zeros(2, dtype=torch.float64, device=self.device)})
+        stats["counts"] += torch.stack([tp, pred_1h.sum(1) - tp, true_1h.sum(1) - tp]).to(torch.float64)
+        stats["loss"] += torch.stack([loss.detach().double() * len(image), loss.new_tensor(len(image)).double()])
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -178,19 +204,24 @@ class SegmentationModule(_lightning().LightningModule):
         self._step(batch, "val")
 
     def _log_scores(self, stage):
-        acc = self._stats.pop(stage, None)
-        if acc is None:
+        stats = self._stats.pop(stage, None)
+        if stats is None:
             return
-        if self.trainer.world_size > 1:
-            acc = self.all_gather(acc).sum(0)
-        tp, fp, fn = acc[:, 1:]
+        if self.trainer.world_size > 1:  # every process's sums added: the scores of the whole set, exactly
+            stats = {k: sum_over_processes(v) for k, v in stats.items()}
+        # the values are now global and equal on every process: "max" keeps them exact (a mean could round)
+        log = dict(sync_dist=self.trainer.world_size > 1, reduce_fx="max")
+        loss_sum, n = stats["loss"]
+        self.log(f"{stage}_loss", (loss_sum / n).float(), **log)
+        tp, fp, fn = stats["counts"][:, 1:]
         pooled = tp.sum() + fp.sum() + fn.sum()  # the study's IoU: pooled over slices and the 3 foreground classes
-        self.log(f"{stage}_iou", (tp.sum() / pooled if pooled > 0 else torch.tensor(float("nan"))).float())
+        iou = tp.sum() / pooled if pooled > 0 else tp.new_tensor(float("nan"))
+        self.log(f"{stage}_iou", iou.float(), **log)
         if stage == "val":
             dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
             for name, value in zip(STRUCTURES, dice):
-                self.log(f"val_dice_{name}", value.float())
-            self.log("val_dice", dice.mean().float())
+                self.log(f"val_dice_{name}", value.float(), **log)
+            self.log("val_dice", dice.mean().float(), **log)
 
     def on_train_epoch_end(self):
         self._log_scores("train")
@@ -242,7 +273,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     started = time.time()
     options = trainer_options(trainer)
     module = SegmentationModule(init, None if encoder_path is None else str(encoder_path), lr, freeze_encoder,
-                                trainer.get("channels_last", False), recipe)
+                                trainer.get("channels_last", False), recipe, trainer.get("compile", False))
     train = slice_loader(SliceBatches(images_train, labels_train, indices), batch_size, shuffle=True, seed=seed)
     val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
     for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
@@ -250,25 +281,31 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
     progress = EpochLine(name or run_dir.name, n_images=len(train.dataset))
-    fit = pl.Trainer(max_epochs=epochs, callbacks=[checkpoint, progress],
+    callbacks = [checkpoint, progress, DataOnDevice(train.dataset, val.dataset)]
+    if options.get("strategy") in FORK_STRATEGIES:
+        callbacks.append(OneThreadWhenForked())
+    fit = pl.Trainer(max_epochs=epochs, callbacks=callbacks,
                      logger=CSVLogger(run_dir, name="", version="log"), enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
-                     log_every_n_steps=50, **options)
+                     log_every_n_steps=50, use_distributed_sampler=False, **options)
+    for loader in (train, val):  # before any process starts: a batch size the processes cannot share is an error
+        loader.sampler.check(fit.world_size)
     with quiet_lightning():
         fit.fit(module, train, val)
-    if fit.global_rank != 0:
+    if fit.global_rank != 0:  # torchrun / SLURM: every process returns here; only the first writes
         return {}
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")}
     atomic_write(run_dir / "model.pt", lambda temp: torch.save(state, temp))
     history = history_from_csv(run_dir / "log" / "metrics.csv")
-    history.to_csv(run_dir / "history.csv", index=False)
+    atomic_write(run_dir / "history.csv", lambda temp: history.to_csv(temp, index=False))
     best_row = history.loc[history["val_dice"].idxmax()]
     losses = history["train_loss"].to_numpy()
     return {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
             "frozen_encoder": freeze_encoder, "epochs": epochs, "best_epoch": int(best_row["epoch"]),
             "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
             "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
+            "processes": fit.world_size,
             "train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1]),
             "recipe": module.recipe, "wall_s": round(time.time() - started, 1)}
 

@@ -1,31 +1,19 @@
-"""The one model factory: a ResNet18 backbone for pretraining and an FPN for segmentation, from every
-initialisation (random, imagenet, simsiam, swav).
+"""The one segmentation-model factory: an FPN with a ResNet18 encoder, from every initialisation (random,
+imagenet, simsiam, swav).
 
-Channel convention (decided here, once): images are single-channel. The backbone's ``conv1`` takes one
-channel; 3-channel checkpoints (ImageNet) are folded into it by summing the RGB kernels, which is what
-segmentation-models-pytorch does for ``in_channels=1``.
-
-Key convention: the backbone is a torchvision ResNet18 without its classifier, so its ``state_dict`` keys
-(``conv1.weight``, ``bn1.*``, ``layer1.*`` ... ``layer4.*``) are exactly those of smp's ResNet18 encoder.
+Channel convention (``cmr_utils.encoders.IN_CHANNELS``): images are single-channel. 3-channel checkpoints
+(ImageNet) are folded into ``conv1`` by summing the RGB kernels, which is what segmentation-models-pytorch
+does for ``in_channels=1``. The backbone that SSL pretrains, and its encoder files, are defined in
+``cmr_utils.encoders``; their keys are exactly those of smp's ResNet18 encoder.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-IN_CHANNELS = 1
+from .encoders import IN_CHANNELS, load_encoder_state
+
 N_CLASSES = 4  # background, RV, MYO, LV
-FEATURE_DIM = 512  # ResNet18's pooled feature size
-
-
-def build_backbone() -> nn.Module:
-    """ResNet18 feature extractor (B, 1, H, W) -> (B, 512) with smp-compatible key names."""
-    import torchvision
-
-    net = torchvision.models.resnet18(weights=None)
-    net.conv1 = nn.Conv2d(IN_CHANNELS, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    net.fc = nn.Identity()  # no parameters: the state_dict has encoder keys only
-    return net
 
 
 class WeightsUnavailable(RuntimeError):
@@ -109,8 +97,6 @@ def build_segmentation_model(init: str = "random", encoder_path=None, n_classes:
     elif init in SSL_INITS:
         if encoder_path is None:
             raise ValueError(f"init {init!r} needs encoder_path (the encoder exported by stage 02)")
-        from .ssl import load_encoder_state
-
         load_encoder_strict(model.encoder, load_encoder_state(encoder_path), str(encoder_path))
     elif encoder_path is not None:
         raise ValueError("init 'random' takes no encoder_path")

@@ -53,8 +53,8 @@ SCHEMA: dict[str, Any] = {
         "warmup_epochs": NUMBER,
         "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER},
     },
-    "trainer": {"accelerator": str, "devices": (int, str), "precision": str, "strategy": str,
-                "num_workers": int, "channels_last": bool},
+    "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
+                "num_workers": int, "channels_last": bool, "compile": bool},
     "explain": {
         "layers": ("list", str),
         "target": str,
@@ -71,6 +71,8 @@ CHOICES = {
     "finetune.optimizer": {"adam", "adamw"},
     "finetune.schedule": {"constant", "warmup_cosine", "poly"},
     "trainer.precision": {"auto", "32-true", "bf16-mixed", "16-mixed"},
+    # ddp_notebook: Lightning forks the processes from the notebook's kernel; ddp: torchrun / srun started them
+    "trainer.strategy": {"auto", "ddp_notebook", "ddp"},
     "explain.target": {"predicted", "ground_truth"},
 }
 INITS = ("random", "imagenet", "simsiam", "swav")
@@ -154,12 +156,17 @@ def profile_path(profile: str) -> Path:
     return PARAMS_DIR / f"{profile}.yaml"
 
 
+def known_profiles() -> list[str]:
+    """The profiles that exist: the names of ``params/*.yaml``."""
+    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
 def load_profile(profile: str) -> dict:
-    """Read and validate ``params/<profile>.yaml``."""
+    """Read and validate ``params/<profile>.yaml``; an unknown profile is an error listing the ones that exist."""
     path = profile_path(profile)
-    if not path.is_file():
-        known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
-        raise ParameterError(f"profile {profile!r}: no file {path}; known profiles: {known}")
+    if not isinstance(profile, str) or "/" in profile or "\\" in profile or not path.is_file():
+        raise ParameterError(f"profile {profile!r} does not exist (no file {path}); the profiles that exist: "
+                             f"{', '.join(known_profiles()) or 'none'}")
     try:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -29,16 +29,17 @@ def output_root() -> Path:
     return Path(os.environ.get("CMR_OUTPUT_ROOT") or PROJ_ROOT).resolve()
 
 
-def parse_data(data: str | None) -> list[Path]:
-    """``DATA=`` value -> list of existing folders (labelled source first). Empty -> [] (the phantom)."""
+def parse_data(data: str | None, what: str = "DATA") -> list[Path]:
+    """``DATA=`` value -> list of existing folders (labelled source first). Empty -> [] (the phantom).
+    ``what`` names the variable in errors (``EXTERNAL`` for the external-validation folders)."""
     if data is None:
         return []
     if not isinstance(data, str):
-        raise TypeError(f"data: expected a comma-separated string of folders, got {type(data).__name__}")
+        raise TypeError(f"{what.lower()}: expected a comma-separated string of folders, got {type(data).__name__}")
     folders = [Path(p.strip()).expanduser() for p in data.split(",") if p.strip()]
     for folder in folders:
         if not folder.is_dir():
-            raise FileNotFoundError(f"DATA folder {folder} does not exist or is not a folder")
+            raise FileNotFoundError(f"{what} folder {folder} does not exist or is not a folder")
     return [f.resolve() for f in folders]
 
 

@@ -69,6 +69,22 @@ def train_slice_count(source, fractions: tuple[float, float, float], seed: int) 
     return sum(source.n_slices(p) for p in split["train"])
 
 
+def external_sources(external: str | None) -> dict:
+    """``EXTERNAL=`` (comma-separated labelled folders, any layout) -> ``{dataset name: source}``; the name is
+    the folder's (``<name>-2`` ... where two folders share one)."""
+    from .paths import parse_data
+    from .readers import open_source
+
+    out: dict = {}
+    for folder in parse_data(external, "EXTERNAL"):
+        name, n = folder.name, 1
+        while name in out:
+            n += 1
+            name = f"{folder.name}-{n}"
+        out[name] = open_source(folder)
+    return out
+
+
 @dataclass(frozen=True)
 class Plan:
     """The runs of one (profile, data), with what was dropped and why."""
@@ -81,6 +97,7 @@ class Plan:
     dropped: list  # numeric budgets >= n_train_slices
     runs: list[dict]
     messages: list[str] = field(default_factory=list)  # the lines the plan prints to stderr
+    external: dict[str, str] = field(default_factory=dict)  # EXTERNAL=: {dataset name: layout}
 
     def refuse(self, run: str) -> str:
         """Why ``run`` is not in the plan (for stage 03's error)."""
@@ -89,8 +106,10 @@ class Plan:
                 f"expected one of {sorted(r['name'] for r in self.runs)}")
 
 
-def plan_runs(profile: str, data: str | None = "") -> Plan:
-    """The plan the Makefile and the notebooks share: every run whose budget the data can hold."""
+def plan_runs(profile: str, data: str | None = "", external: str | None = "") -> Plan:
+    """The plan the Makefile and the notebooks share: every run whose budget the data can hold; ``external``
+    (``EXTERNAL=``, labelled folders that stage 04 also scores every run on) is checked here, before any stage
+    runs: each folder must hold a known layout."""
     from .prepare import data_sources
 
     params = load_profile(profile)
@@ -114,14 +133,18 @@ def plan_runs(profile: str, data: str | None = "") -> Plan:
         messages.append(f"plan: note: budget{'s' if len(small) > 1 else ''} {', '.join(map(str, small))} "
                         f"below finetune.batch_size_budget {ft['batch_size_budget']}: such a run trains on one "
                         f"batch of all its slices per epoch")
+    external_layouts = {name: source.layout for name, source in external_sources(external).items()}
+    if external_layouts:
+        messages.append("plan: external validation on " + ", ".join(f"{name} ({layout})" for name, layout
+                                                                     in external_layouts.items()))
     return Plan(profile, data or "", labelled.folder, n_train, budgets, dropped,
-                finetune_runs(params, n_train), messages)
+                finetune_runs(params, n_train), messages, external_layouts)
 
 
-def make_variables(profile: str, data: str, plan: Plan | None = None) -> str:
+def make_variables(profile: str, data: str, plan: Plan | None = None, external: str = "") -> str:
     params = load_profile(profile)
     ws = workspace(profile, data)
-    plan = plan or plan_runs(profile, data)
+    plan = plan or plan_runs(profile, data, external)
     lines = [
         f"TAG := {ws.tag}",
         f"OUTPUT_ROOT := {ws.root}",
@@ -131,6 +154,7 @@ def make_variables(profile: str, data: str, plan: Plan | None = None) -> str:
         f"N_TRAIN_SLICES := {plan.n_train_slices}",
         f"BUDGETS := {' '.join(map(str, plan.budgets))}",
         f"RUNS := {' '.join(r['name'] for r in plan.runs)}",
+        f"EXTERNAL_SETS := {' '.join(plan.external)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -139,11 +163,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="default")
     parser.add_argument("--data", default="")
+    parser.add_argument("--external", default="", help="EXTERNAL=: labelled folders for external validation")
     parser.add_argument("--make", action="store_true", help="print Make variables")
     args = parser.parse_args(argv)
     try:
-        plan = plan_runs(args.profile, args.data)
-        text = make_variables(args.profile, args.data, plan)
+        plan = plan_runs(args.profile, args.data, args.external)
+        text = make_variables(args.profile, args.data, plan, args.external)
     except (ValueError, FileNotFoundError) as err:  # DataError and ParameterError included
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -132,7 +132,7 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
     """Image | ground truth | one prediction per initialisation, on the test slice of median IoU (the study's IoU
     per slice, model grid) of the initialisation with the best mean test IoU on the model grid
     (``results["test_iou_model_grid"]``; seed of its first run)."""
-    from .explain import predict
+    from .inference import predict
     from .finetune import load_trained_model
 
     runs = results[results["budget"] == budget].sort_values(["init", "seed"])
@@ -152,3 +152,81 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
     fig.suptitle(f"test slice {index} (median IoU on the model grid of {best_init})", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------------------------
+# figures with their alternative text
+#
+# A figure is shown through ``show_figure``, never by the inline backend: nbconvert's HTML template gives an
+# ``image/png`` output no alt attribute (and warns), so the figure is shown as an HTML <img> with its alt text. A
+# figure that one stage draws and another shows carries its alt text inside the PNG (the standard "Description"
+# text chunk, written by ``save_figure``).
+
+ALT_KEY = "Description"
+
+
+def save_figure(fig, path, alt: str, dpi: int = 120):
+    """Write ``fig`` as a PNG at ``path`` (atomically) with its alternative text ``alt`` stored in the file, and
+    close it; returns ``path`` (for ``show_figure``)."""
+    from .files import atomic_write
+
+    alt = _checked_alt(alt, path)
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=dpi, bbox_inches="tight",
+                                                metadata={ALT_KEY: alt}))
+    plt.close(fig)  # drawn and saved: JupyterLab's inline backend must not show it again without its alt text
+    return path
+
+
+def figure_alt(path) -> str | None:
+    """The alternative text stored in a PNG by ``save_figure`` (None when it has none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.info.get(ALT_KEY) or None
+
+
+def figure_html(figure, alt: str | None = None, dpi: int = 120) -> str:
+    """An HTML ``<img>`` of a matplotlib Figure, or of a PNG file, with alternative text.
+
+    ``alt`` says what the figure shows (required for a Figure; for a file, the text stored in it by
+    ``save_figure`` is used when ``alt`` is None). A Figure is closed once drawn, so that JupyterLab's inline
+    backend does not show it a second time without its alt text.
+    """
+    import base64
+    import html
+    import io
+    from pathlib import Path
+
+    if isinstance(figure, (str, Path)):
+        path = Path(figure)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such figure; the stage that draws it has not run")
+        alt = alt if alt is not None else figure_alt(path)
+        if alt is None:
+            raise ValueError(f"{path}: no alternative text stored in the figure and none given; re-run the stage "
+                             f"that draws it (figures are written with plots.save_figure)")
+        png = path.read_bytes()
+    else:
+        alt = _checked_alt(alt, figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(figure)
+        png = buffer.getvalue()
+    alt = _checked_alt(alt, figure)
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt, quote=True)}" '
+            f'style="max-width: 100%; height: auto;">')
+
+
+def show_figure(figure, alt: str | None = None, dpi: int = 120) -> None:
+    """Display a Figure or a PNG file with its alternative text (see ``figure_html``): nbconvert's HTML export
+    keeps the alt text, which it cannot give an ``image/png`` output."""
+    from IPython.display import HTML, display
+
+    display(HTML(figure_html(figure, alt, dpi)))
+
+
+def _checked_alt(alt, what) -> str:
+    if not isinstance(alt, str) or len(alt.split()) < 4:
+        raise ValueError(f"{what}: alternative text must say what the figure shows in words, got {alt!r}")
+    return " ".join(alt.split())

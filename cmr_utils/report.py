@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .paths import PROJ_ROOT, Workspace
@@ -244,3 +245,128 @@ def describe_plan(plan) -> str:
     return (f"**Label budgets**: {kept}; dropped by the plan: {dropped} (the training split has "
             f"{plan.n_train_slices} slices, so {'these budgets' if len(plan.dropped) > 1 else 'this budget'} "
             f"would be all labels or more).")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tables that are empty for a reason say the reason
+
+def trained_runs_gap(results: pd.DataFrame, budget: str | None = None) -> str:
+    """Why a table of trained runs (with ``budget`` labels, or any budget) can have no row: no such run was
+    trained. ``results``: ``cmr_utils.evaluate.read_results`` (status ``ok`` or ``unavailable`` with a reason)."""
+    runs = results if budget is None else results[results["budget"].astype(str) == str(budget)]
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    which = {None: "", "all": " with all labels"}.get(budget, f" with budget {budget}")
+    if not ok.empty:
+        return (f"{len(ok)} run(s){which} were trained, yet stage 04 wrote no row for them: stage 04 is out of "
+                f"date; re-run `make evaluate`")
+    if runs.empty:
+        return f"the plan has no fine-tuning run{which}"
+    why = "; ".join(f"{r['init']}: {r.get('reason') if isinstance(r.get('reason'), str) else r['status']}"
+                    for r in runs.drop_duplicates("init").to_dict("records"))
+    return f"no fine-tuning run{which} was trained ({why})"
+
+
+def comparison_gap(results: pd.DataFrame) -> str:
+    """Why the paired comparisons can have no row: fewer than two initialisations have trained runs."""
+    ok = results[results["status"] == "ok"] if "status" in results else results
+    trained = sorted(ok["init"].unique())
+    if len(trained) < 2:
+        return (f"a paired comparison needs two initialisations with trained runs; "
+                f"{'only ' + trained[0] + ' has' if trained else 'none has'} any")
+    return f"{', '.join(trained)} have trained runs, yet stage 04 compared none of them: re-run `make evaluate`"
+
+
+def ef_gap(ef: pd.DataFrame) -> str:
+    """Why the ejection-fraction table can have no row: no test patient has both phases (ED and ES) labelled."""
+    if ef.empty:
+        return ("the ejection fraction needs a patient's end-diastolic and end-systolic volumes, and no test "
+                "patient has both phases labelled (or no run with all labels was trained)")
+    return "every test volume's ejection fraction is undefined (no cavity at end-diastole in the ground truth)"
+
+
+def explained_regions(region: np.ndarray, truth: np.ndarray) -> pd.DataFrame:
+    """Pixels of the region each CAM explains and of the ground truth, per slice and structure.
+
+    ``region``: the label maps whose structure masks Seg-Grad-CAM explains (the model's prediction, or the
+    ground truth with ``explain.target: ground_truth``), (N, H, W); ``truth``: the ground truth, (N, H, W).
+    Columns ``slice`` (position in the stack), ``structure``, ``region_pixels``, ``truth_pixels``: stage 05 adds
+    them to its numbers, so that a table with no numbers can say why (``explanation_gaps``).
+    """
+    from .metrics import STRUCTURES
+
+    region, truth = np.asarray(region), np.asarray(truth)
+    if region.shape != truth.shape or region.ndim != 3:
+        raise ValueError(f"region {region.shape} and truth {truth.shape}: expected two (N, H, W) label stacks")
+    rows = [{"slice": k, "structure": name, "region_pixels": int((region[k] == code).sum()),
+             "truth_pixels": int((truth[k] == code).sum())}
+            for code, name in STRUCTURES.items() for k in range(len(region))]
+    return pd.DataFrame(rows, columns=["slice", "structure", "region_pixels", "truth_pixels"])
+
+
+# downsampling of the ResNet18 encoder's blocks: a CAM on a block whose feature map is one pixel is constant
+ENCODER_STRIDES = {"encoder.conv1": 2, "encoder.layer1": 4, "encoder.layer2": 8, "encoder.layer3": 16,
+                   "encoder.layer4": 32}
+
+
+def explanation_gaps(numbers: pd.DataFrame, inits, target: str = "predicted",
+                     image_size: int | None = None) -> dict[str, str]:
+    """Why initialisations have no row in the explanation-numbers table (``explain.summarise_numbers``).
+
+    ``numbers``: stage 05's per-slice rows (``runs/<data>/<profile>/explain/numbers.csv``: one per run, layer,
+    explained slice and structure, with the numbers of ``explain.explanation_numbers`` and the columns of
+    ``explained_regions``); ``inits``: the sweep's initialisations; ``target``: ``explain.target``;
+    ``image_size``: the prepared slices' size in pixels. Returns ``{init: reason}`` for each initialisation none
+    of whose numbers is defined (``{}`` when all have some).
+    """
+    from .explain import XAI_METRICS
+
+    gaps = {}
+    for init in inits:
+        rows = numbers[numbers["init"] == init] if "init" in numbers else numbers.iloc[:0]
+        metrics = [m for m in XAI_METRICS if m in rows]
+        if not rows.empty and rows[metrics].notna().any().any():
+            continue
+        if rows.empty:
+            gaps[init] = "not explained: it has no trained run with all labels"
+            continue
+        slices = rows["slice"].nunique()
+        models = rows["seed"].nunique() if "seed" in rows else 1
+        model = "its model" if models == 1 else f"its {models} models (one per seed)"
+        layers = sorted(rows["layer"].unique()) if "layer" in rows else []
+        reasons = []
+        if layers and image_size and all(image_size // ENCODER_STRIDES.get(f, 1) <= 1 for f in layers):
+            reasons.append(f"{', '.join(layers)} downsample{'s' if len(layers) == 1 else ''} {image_size}-px slices "
+                           f"to a 1 x 1 feature map, on which a CAM is constant (a larger `data.image_size` or an "
+                           f"earlier layer in `explain.layers` gives numbers)")
+        if "region_pixels" not in rows:
+            reasons.append(f"every number is undefined on the {slices} explained test slices: the regions to "
+                           f"explain were empty or the CAMs zero (stage 05 predates the region counts; re-run "
+                           f"`make explain`)")
+        elif rows["region_pixels"].sum() == 0 and target == "predicted":
+            reasons.append(f"{model} predicted no RV, MYO or LV on the {slices} explained test slices, so "
+                           f"Seg-Grad-CAM had no region to explain (`explain.target: predicted`; a model trained "
+                           f"longer, more `explain.max_slices` or `explain.target: ground_truth` give one)")
+        elif rows["truth_pixels"].sum() == 0:
+            reasons.append(f"none of the {slices} explained test slices contains RV, MYO or LV in the ground truth, "
+                           f"so no localisation number is defined (more `explain.max_slices` gives some)")
+        elif not reasons:
+            reasons.append(f"the CAMs of {model} were zero on every explained slice (no positive gradient reached "
+                           f"{', '.join(layers) or 'the explained layer'}), so every number is undefined")
+        gaps[init] = ", and ".join(reasons)
+    return gaps
+
+
+def explanation_note(numbers: pd.DataFrame, inits, target: str = "predicted",
+                     image_size: int | None = None) -> str | None:
+    """One Markdown paragraph on what the explanation-numbers table lacks and why (None when nothing is missing);
+    the arguments are those of ``explanation_gaps``."""
+    gaps = explanation_gaps(numbers, inits, target, image_size)
+    if not gaps:
+        return None
+    shared: dict[str, list[str]] = {}  # initialisations with the same reason share one sentence
+    for init, reason in gaps.items():
+        shared.setdefault(reason, []).append(init)
+    why = "; ".join(f"**{', '.join(names)}**: {reason}" for reason, names in shared.items())
+    if len(gaps) == len(list(inits)):
+        return f"**No explanation numbers**: {why}."
+    return f"**Not in the table**: {why}."

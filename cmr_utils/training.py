@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 import warnings
 
@@ -10,7 +12,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
-TRAINER_OPTIONS = ("accelerator", "devices", "precision", "strategy")
+TRAINER_OPTIONS = ("accelerator", "devices", "num_nodes", "precision", "strategy")
+# Lightning's fork-based launcher: the only multi-process strategy that works from a Jupyter kernel
+FORK_STRATEGIES = ("ddp_notebook", "ddp_fork")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -24,32 +28,150 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+def resolve_precision(precision: str, accelerator: str = "auto", fork_safe: bool = False) -> str:
     """A profile's ``trainer.precision``; ``auto`` becomes bf16 mixed precision where the device runs it
-    natively (a CUDA GPU with bf16, a CPU with AVX-512 bf16 or AMX) and full fp32 elsewhere."""
+    natively (a CUDA GPU with bf16, a CPU with AVX-512 bf16 or AMX) and full fp32 elsewhere.
+
+    ``fork_safe``: the processes will be forked from this one (``ddp_notebook``), where CUDA must not have been
+    initialised; asking the GPU's capability initialises it, so a fresh interpreter is asked instead.
+    """
     if precision != "auto":
         return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():  # NVML-based: safe before a fork
+        return "bf16-mixed" if _cuda_bf16_native(fork_safe) else "16-mixed"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def _cuda_bf16_native(fork_safe: bool) -> bool:
+    """Whether GPU 0 computes in bf16 natively (compute capability 8.0 or later; emulated bf16 does not count)."""
+    if not fork_safe or torch.cuda.is_initialized():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    import subprocess
+    import sys
+
+    code = "import torch; print(int(torch.cuda.is_bf16_supported(including_emulation=False)))"
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return answer.stdout.strip() == "1"
+
+
 def trainer_options(trainer: dict) -> dict:
-    """The Lightning Trainer options of a profile's ``trainer`` section (``precision: auto`` resolved)."""
+    """The Lightning Trainer options of a profile's ``trainer`` section, resolved and checked.
+
+    - ``precision: auto`` resolved (``resolve_precision``).
+    - Several processes (``devices`` x ``num_nodes`` > 1): ``strategy: auto`` becomes ``ddp_notebook`` on one
+      machine (Lightning forks the processes from the notebook's kernel) and ``ddp`` under torchrun or SLURM
+      (the launcher started every process, each running the notebook); a strategy that cannot work where this
+      runs is an error naming ``trainer.strategy``; under a launcher, its nodes and processes per node must be
+      the profile's ``num_nodes`` and ``devices``.
+    - ``sync_batchnorm`` on GPUs with several processes: BatchNorm statistics over the global batch, as on the
+      single device of the study (torch's SyncBatchNorm runs on GPUs only; CPU processes keep their own).
+    """
+    from .distributed import external_geometry, launched_externally
+
     options = {k: trainer[k] for k in TRAINER_OPTIONS if k in trainer}
-    options["precision"] = resolve_precision(options.get("precision", "auto"), options.get("accelerator", "auto"))
+    devices, nodes = options.get("devices", 1), options.get("num_nodes", 1)
+    strategy = options.get("strategy", "auto")
+    launcher = launched_externally()
+    started = external_geometry(launcher) if launcher else None
+    if started == (1, 1):
+        launcher = None  # a single process (e.g. `make report` inside an sbatch job): nothing to coordinate
+    # devices "auto": Lightning's choice, which in a notebook kernel is one device (it says so when there are more)
+    processes = devices * nodes if isinstance(devices, int) else 1
+    if launcher is not None:
+        if started != (nodes, devices):
+            raise ValueError(f"trainer.num_nodes {nodes} and trainer.devices {devices!r}: {launcher} started "
+                             f"{started[0]} node(s) with {started[1]} process(es) each; the profile and the "
+                             f"launch command must agree (one process per device)")
+        if strategy in FORK_STRATEGIES:
+            raise ValueError(f"trainer.strategy {strategy!r}: {launcher} already started every process; "
+                             f"use 'ddp' or 'auto'")
+        if strategy == "auto":
+            options["strategy"] = "ddp"
+    elif processes > 1:
+        if nodes > 1:
+            raise ValueError(f"trainer.num_nodes {nodes}: several nodes need a launcher that starts the processes "
+                             f"on every node (srun or torchrun; see tools/slurm/); none was detected")
+        if strategy == "ddp":
+            raise ValueError("trainer.strategy 'ddp': Lightning would start the other processes by re-running "
+                             "the script, which a notebook kernel cannot do; use 'ddp_notebook' or 'auto' on one "
+                             "machine, or start the processes with torchrun or srun")
+        if strategy == "auto":
+            options["strategy"] = "ddp_notebook"
+    accelerator = options.get("accelerator", "auto")
+    options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator,
+                                             fork_safe=options.get("strategy") in FORK_STRATEGIES)
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    options["sync_batchnorm"] = bool(on_gpu and (launcher is not None or processes > 1))
     return options
 
 
+PROGRESS_VARIABLE = "CMR_PROGRESS"
+PROGRESS_MODES = ("plain", "bar")
+
+
+def progress_mode() -> str:
+    """How training reports progress: ``bar`` or ``plain``.
+
+    ``$CMR_PROGRESS`` decides when set (the Makefile sets ``plain`` for its headless Papermill runs); otherwise an
+    interactive Jupyter kernel gets ``bar`` (a progress bar in the cell) and anything else ``plain``.
+    """
+    mode = os.environ.get(PROGRESS_VARIABLE, "").strip().lower()
+    if mode:
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"{PROGRESS_VARIABLE}={os.environ[PROGRESS_VARIABLE]!r}: expected one of "
+                             f"{', '.join(PROGRESS_MODES)} (or unset: a bar in JupyterLab, plain lines elsewhere)")
+        return mode
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return "bar" if shell is not None and hasattr(shell, "kernel") else "plain"
+
+
+def progress_line(text: str) -> None:
+    """Write one line where the person running the study sees it: the process's own stderr.
+
+    A Papermill kernel inherits its stderr from Make, so the line reaches the terminal while the notebook runs
+    (ipykernel also copies what reaches file descriptor 2 into the notebook's output); ``print`` would go into
+    the notebook only. The line is written in one call, so lines of parallel runs never interleave mid-line.
+    """
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(text.rstrip("\n") + "\n")
+    stream.flush()
+
+
+def epoch_summary(name: str, epoch: int, epochs: int, metrics: dict, monitor: str, images_per_s: float,
+                  seconds_left: float) -> str:
+    """``name: epoch k/N · train_loss … · val_loss … · <monitor> … (per structure) · img/s · time left``."""
+    parts = [f"{name}: epoch {epoch}/{epochs}"]
+    parts += [f"{k} {metrics[k]:.3f}" for k in dict.fromkeys(("train_loss", "val_loss", monitor)) if k in metrics]
+    per_structure = [f"{k.rsplit('_', 1)[1]} {metrics[k]:.2f}" for k in metrics if k.startswith(monitor + "_")]
+    if per_structure:
+        parts[-1] += f" ({', '.join(per_structure)})"
+    left = f"{seconds_left / 60:.1f} min left" if seconds_left >= 60 else f"{seconds_left:.0f} s left"
+    parts += [f"{images_per_s:.0f} img/s", left]
+    return " · ".join(parts)
+
+
 class EpochLine(Callback):
-    """One plain-text line per epoch (run, epoch k/N, losses, validation score, images/s, time left)."""
+    """Progress of one training run: run name, epoch k/N, losses, validation score, images/s, time left.
+
+    ``plain`` mode (headless runs, scripts): one line per epoch on stderr (``progress_line``). ``bar`` mode (an
+    interactive Jupyter kernel): one progress bar over the run's batches, the same numbers as its postfix.
+    ``$CMR_PROGRESS`` chooses (see ``progress_mode``). Only the first process of a multi-process run reports.
+    """
 
     def __init__(self, name: str, n_images: int, monitor: str = "val_dice"):
         self.name, self.n_images, self.monitor = name, n_images, monitor
+        self.mode = progress_mode()
         self._started = self._epoch_started = 0.0
+        self._bar = None
 
     def on_train_start(self, trainer, module):
         self._started = time.perf_counter()
+        if self.mode == "bar" and trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            batches = trainer.num_training_batches
+            total = trainer.max_epochs * batches if isinstance(batches, int) else None
+            self._bar = tqdm(total=total, desc=self.name, unit="batch", dynamic_ncols=True)
 
     def on_train_epoch_start(self, trainer, module):
         self._epoch_started, self._loss_sum, self._batches = time.perf_counter(), 0.0, 0
@@ -59,6 +181,8 @@ class EpochLine(Callback):
         if loss is not None:
             self._loss_sum += float(loss)
             self._batches += 1
+        if self._bar is not None:
+            self._bar.update(1)
 
     def on_train_epoch_end(self, trainer, module):
         # runs after the epoch's validation: its metrics are in callback_metrics, the training loss is our own sum
@@ -70,13 +194,22 @@ class EpochLine(Callback):
         now = time.perf_counter()
         speed = self.n_images / max(1e-9, now - self._epoch_started)
         left = (now - self._started) / done * (total - done)
-        parts = [f"{self.name}: epoch {done}/{total}"]
-        parts += [f"{k} {m[k]:.3f}" for k in ("train_loss", "val_loss", self.monitor) if k in m]
-        per_structure = [f"{k.rsplit('_', 1)[1]} {m[k]:.2f}" for k in m if k.startswith(self.monitor + "_")]
-        if per_structure:
-            parts[-1] += f" ({', '.join(per_structure)})"
-        parts += [f"{speed:.0f} img/s", f"{left / 60:.1f} min left"]
-        print(" · ".join(parts), flush=True)
+        line = epoch_summary(self.name, done, total, m, self.monitor, speed, left)
+        if self._bar is not None:
+            self._bar.set_postfix_str(line.split(" · ", 1)[1], refresh=True)
+        else:
+            progress_line(line)
+
+    def on_train_end(self, trainer, module):
+        self._close()
+
+    def on_exception(self, trainer, module, exception):
+        self._close()
+
+    def _close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 @contextlib.contextmanager

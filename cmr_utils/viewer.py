@@ -17,7 +17,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from cmr_utils.explain import DEFAULT_LAYER, STRUCTURES, label_colormap, overlay, predict, seg_grad_cam
+from cmr_utils.explain.cam import DEFAULT_LAYER, seg_grad_cam
+from cmr_utils.explain.figures import label_colormap, overlay
+from cmr_utils.inference import predict
+from cmr_utils.metrics import STRUCTURES
 
 STRUCTURE_CATEGORY: dict[str, int] = {name: category for category, name in STRUCTURES.items()}
 META_COLUMNS = ("patient", "phase", "slice")

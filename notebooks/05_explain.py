@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # 06 · Explanations: Seg-Grad-CAM, a slice-by-slice viewer, and numbers for explanations
+# # 05 · Explanations: Seg-Grad-CAM, a slice-by-slice viewer, and numbers for explanations
 #
 # **Inputs**: the fine-tuned models of stage 03 (all labels) and the per-slice test scores of stage 04.
 # **Outputs**: figures `explain_*.png` and the table `xai_summary.csv` in `reports/<data>/<profile>/`;
@@ -33,9 +33,9 @@ data = ""
 
 # %%
 import pandas as pd
-from IPython.display import display
+from IPython.display import Markdown, display
 
-from cmr_utils import explain, paths, viewer
+from cmr_utils import explain, paths, plots, report, viewer
 from cmr_utils.finetune import load_trained_model
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
@@ -57,6 +57,8 @@ print("explained:", ", ".join(f"{i} ({r['name']})" for i, r in first.iterrows())
 # ## Best, median and worst test slices per initialisation (per-slice Dice), Seg-Grad-CAM on the last encoder block
 
 # %%
+for stale in ws.figures.glob("explain_*.png"):  # this stage's figures: none may survive from an earlier sweep
+    stale.unlink()
 selected = {}
 for init, run in first.iterrows():
     scores = per_slice[per_slice["run"] == run["name"]]["dice"].to_numpy()
@@ -69,7 +71,10 @@ for init, run in first.iterrows():
                               layer=cfg["layers"][0], region=region)
     fig = explain.plot_explanations(rows)
     fig.suptitle(f"{init}: best / median / worst test slices", y=1.0)
-    fig.savefig(ws.figure(f"explain_{init}_best_median_worst.png"), dpi=100, bbox_inches="tight")
+    alt = (f"Seg-Grad-CAM of the {init} model (all labels) on its best, median and worst test slices by Dice: "
+           f"{len(order)} rows ({'; '.join(titles)}), each showing the image, the ground truth, the prediction and "
+           f"the CAM on {cfg['layers'][0]} for RV, MYO and LV.")
+    plots.show_figure(plots.save_figure(fig, ws.figure(f"explain_{init}_best_median_worst.png"), alt, dpi=100))
 
 # %% [markdown]
 # ## The same slices across initialisations
@@ -84,7 +89,9 @@ for index in shared:
                    for c in explain.STRUCTURES} for init, m in models.items()}
     title = explain.row_title(meta.iloc[index]["patient"], int(meta.iloc[index]["slice"]), phase=meta.iloc[index]["phase"])
     fig = explain.plot_initialisations(images[index], truth[index], preds, cams, title)
-    fig.savefig(ws.figure(f"explain_across_inits_slice{index}.png"), dpi=100, bbox_inches="tight")
+    alt = (f"Test slice {title} explained by each initialisation ({', '.join(models)}), one row each: the image, "
+           f"the ground truth, that model's prediction and its Seg-Grad-CAM for RV, MYO and LV.")
+    plots.show_figure(plots.save_figure(fig, ws.figure(f"explain_across_inits_slice{index}.png"), alt, dpi=100))
 
 # %% [markdown]
 # ## Slice by slice: the interactive viewer
@@ -105,7 +112,10 @@ for init in models:  # each initialisation's best slice, with the (up to two) st
     shown = [name for code, name in explain.STRUCTURES.items() if (predicted == code).any()][:2] or ["MYO"]
     montage += [(index, name, init) for name in shown]
 fig = viewer.static_montage(provider, montage, layer=cfg["layers"][0])
-fig.savefig(ws.figure("explain_viewer_montage.png"), dpi=100, bbox_inches="tight")
+alt = ("The slice viewer drawn statically, one row per initialisation's best test slice and structure ("
+       + "; ".join(f"{init}: slice {index}, {name}" for index, name, init in montage)
+       + "): the image, the ground truth, the prediction and the Seg-Grad-CAM overlay.")
+plots.show_figure(plots.save_figure(fig, ws.figure("explain_viewer_montage.png"), alt, dpi=100))
 
 # %% [markdown]
 # ## Numbers for explanations
@@ -122,10 +132,16 @@ for run in runs.itertuples():
     for layer in cfg["layers"]:
         numbers = explain.explanation_numbers(model, images[picks], truth[picks], layer=layer, region=region,
                                               steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0])
+        # the pixels each CAM explains: a table with no numbers can then say why (cmr_utils.report)
+        explained = truth[picks] if region == "ground_truth" else explain.predict(model, images[picks])[0]
+        numbers = numbers.merge(report.explained_regions(explained, truth[picks]), on=["slice", "structure"])
         tables.append(numbers.assign(init=run.init, seed=run.seed, layer=layer, slice=picks[numbers["slice"]]))
 numbers = pd.concat(tables, ignore_index=True)
 ws.explanation.mkdir(parents=True, exist_ok=True)
 numbers.to_csv(ws.explanation / "numbers.csv", index=False)
 summary = explain.summarise_numbers(numbers)
 summary.to_csv(ws.table("xai_summary.csv"), index=False)
+note = report.explanation_note(numbers, params["finetune"]["inits"], cfg["target"], images.shape[-1])
+if note:
+    display(Markdown(note))
 summary.style.format(precision=3, na_rep="–").hide(axis="index")

@@ -19,12 +19,13 @@
 # %% tags=["parameters"]
 profile = "default"
 data = ""
+external = ""
 
 # %%
 import json
 
 import pandas as pd
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 
 from cmr_utils import evaluate, paths, plots, report
 from cmr_utils.params import load_profile
@@ -36,13 +37,18 @@ ws = paths.workspace(profile, data)
 manifest = Prepared.open(ws.prepared).manifest
 
 
-def table(name, **fmt):
+def table(name, empty=None, **fmt):
+    """A table of the report; one with no rows is replaced by ``empty``, the reason it has none."""
     df = pd.read_csv(ws.tables / name)
-    display(df.style.format(precision=3, na_rep="–", **fmt).hide(axis="index"))
+    if df.empty:
+        display(Markdown(f"> **No rows** in `{name}`: {empty or 'the stage that writes it found nothing to list'}."))
+    else:
+        display(df.style.format(precision=3, na_rep="–", **fmt).hide(axis="index"))
 
 
-def figure(name):
-    display(Image(filename=str(ws.figures / name)))
+def figure(name, alt=None):
+    """A figure of the report with its alternative text (``alt``, or the text stored in the PNG)."""
+    plots.show_figure(ws.figures / name, alt)
 
 
 sources = ", ".join(f"{s['layout']} ({s['patients']} patients, {s['role']})" for s in manifest["sources"])
@@ -68,7 +74,9 @@ display(Markdown(report.describe_plan(plan)))
 
 # %%
 table("data_summary.csv")
-figure("data_samples.png")
+layouts = ", ".join(s["layout"] for s in manifest["sources"])
+figure("data_samples.png", f"Sample slices of each data source ({layouts}): four slices through one volume of the "
+       "source's first patient, with the ground truth overlaid (RV red, MYO green, LV blue; left atrium yellow).")
 
 # %% [markdown]
 # ## 2 · Self-supervised pretraining
@@ -79,7 +87,10 @@ figure("data_samples.png")
 # %%
 histories = {m: pd.read_csv(ws.pretrain_dir(m) / "history.csv") for m in params["pretrain"]["methods"]}
 fig = plots.loss_curves(histories, "pretraining loss, both methods")
-fig.savefig(ws.figure("pretrain_loss_both.png"), dpi=120, bbox_inches="tight")
+alt = "Line chart of the pretraining loss per epoch, training solid and validation dashed: " + "; ".join(
+    f"{m} over {len(h)} epoch(s), training loss {h['train_loss'].iloc[0]:.3f} to {h['train_loss'].iloc[-1]:.3f}, "
+    f"validation loss {h['val_loss'].iloc[0]:.3f} to {h['val_loss'].iloc[-1]:.3f}" for m, h in histories.items())
+plots.show_figure(plots.save_figure(fig, ws.figure("pretrain_loss_both.png"), alt + "."))
 for m in histories:
     meta = json.loads(ws.encoder_path(m).with_suffix(".json").read_text())
     state = "COLLAPSED" if meta["collapsed"] else "no collapse"
@@ -101,14 +112,19 @@ for m in histories:
 unavailable = pd.read_csv(ws.evaluation / "unavailable.csv")
 for init, reason in unavailable.groupby("init")["reason"].first().items():
     display(Markdown(f"> **{init}: unavailable** — not trained, not replaced by random weights. {reason}"))
-display(pd.read_csv(ws.tables / "iou_by_init.csv", header=[0, 1], index_col=0).style.format(precision=3, na_rep="–"))
+by_init = pd.read_csv(ws.tables / "iou_by_init.csv", header=[0, 1], index_col=0)
+display(by_init.style.format(precision=3, na_rep="–") if len(by_init) else
+        Markdown(f"> **No rows** in `iou_by_init.csv`: {report.trained_runs_gap(runs, 'all')}."))
 health = pd.read_csv(ws.tables / "health_checks.csv")
 display(Markdown("**Health check**: every run's training loss fell and every run segments RV, MYO and LV."
                  if health.empty else "**Health check: problems found** (a flat training loss, or a structure a "
                  "model never predicts — numbers from such runs describe a model that did not learn):"))
 if not health.empty:
     table("health_checks.csv")
-figure("validation_curves.png")
+trained = runs[(runs["status"] == "ok") & (runs["budget"] == "all")].groupby("init")["best_val_iou"].mean()
+figure("validation_curves.png", "Two line charts over the fine-tuning epochs with all labels, one line per "
+       "initialisation (mean over seeds): validation Dice loss (left) and validation IoU (right); best validation "
+       "IoU " + ", ".join(f"{init} {iou:.2f}" for init, iou in trained.items()) + ".")
 
 # %% [markdown]
 # ## 4 · Label budgets
@@ -118,8 +134,12 @@ figure("validation_curves.png")
 # were dropped by the plan (listed at the top).
 
 # %%
-figure("budget_curve.png")
-table("iou_by_budget.csv")
+by_budget = pd.read_csv(ws.tables / "iou_by_budget.csv")
+points = "; ".join(f"{init} " + ", ".join(f"{r.n_labelled} slices {r.mean:.2f}" for r in g.itertuples())
+                   for init, g in by_budget.sort_values("n_labelled").groupby("init"))
+figure("budget_curve.png", "Line chart of the test IoU per slice (model grid) against the number of labelled "
+       f"training slices (log scale), one line per initialisation with its 95 % bootstrap band: {points}.")
+table("iou_by_budget.csv", empty=report.trained_runs_gap(runs))
 
 # %% [markdown]
 # ### Paired comparisons between initialisations
@@ -130,7 +150,7 @@ table("iou_by_budget.csv")
 # bootstrap runs narrow: read the Wilcoxon p there.
 
 # %%
-table("paired_comparisons.csv")
+table("paired_comparisons.csv", empty=report.comparison_gap(runs))
 
 # %% [markdown]
 # ## 5 · ACDC's metrics: Dice and HD95 per structure, ED and ES (all labels)
@@ -138,21 +158,27 @@ table("paired_comparisons.csv")
 # and SD over volumes and seeds.
 
 # %%
-table("acdc_metrics.csv")
+table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, "all"))
 
 # %% [markdown]
 # ## 6 · Ejection fraction: predicted versus true
 # Cavity volumes on each volume's original grid; bias, limits of agreement (bias ± 1.96 SD) and Pearson r.
 
 # %%
-table("ef_agreement.csv")
-figure("ef_agreement.png")
+ef = pd.read_csv(ws.evaluation / "ef.csv")
+ef = ef[ef["budget"].astype(str) == "all"]
+table("ef_agreement.csv", empty=report.ef_gap(ef))
+figure("ef_agreement.png", "Scatter plot of predicted against true ejection fraction (%), one panel per structure ("
+       + (", ".join(sorted(ef["structure"].unique())) or "none") + "), one colour per initialisation, dashed "
+       f"identity line; {ef.dropna(subset=['ef_true', 'ef_pred']).shape[0]} points over seeds and test patients.")
 
 # %% [markdown]
 # ## 7 · A sample prediction
 
 # %%
-figure("sample_prediction.png")
+figure("sample_prediction.png", "One test slice (the median by IoU of the best initialisation): the image, its "
+       "ground truth and the prediction of each initialisation (" + ", ".join(trained.index) + ") overlaid (RV red, "
+       "MYO green, LV blue).")
 
 # %% [markdown]
 # ## 8 · Explanations: Seg-Grad-CAM
@@ -163,10 +189,31 @@ figure("sample_prediction.png")
 # %%
 for png in sorted(ws.figures.glob("explain_*.png")):
     display(Markdown(f"**{png.stem.removeprefix('explain_').replace('_', ' ')}**"))
-    figure(png.name)
+    figure(png.name)  # alt text written by stage 05 into the figure
 
 # %%
-table("xai_summary.csv")
+numbers = pd.read_csv(ws.explanation / "numbers.csv")
+note = report.explanation_note(numbers, params["finetune"]["inits"], params["explain"]["target"],
+                               int(manifest["image_size"]))
+if note:
+    display(Markdown(note))
+if len(pd.read_csv(ws.tables / "xai_summary.csv")) or not note:
+    table("xai_summary.csv")
+
+# %% [markdown]
+# ## 9 · External validation: the same models on other datasets
+# With `EXTERNAL=<folder>[,<folder>]`, stage 04 scored every run on each external labelled folder (any supported
+# layout) on the volumes' own grids, with the metrics of the test split. Mean 3D Dice per patient and phase (over
+# RV, MYO and LV) of the all-label runs per initialisation and dataset (per vendor where the layout records it),
+# with 95 % patient-level bootstrap intervals; then the drop from the internal test split (external − internal),
+# its interval from resampling both sets' patients independently.
+
+# %%
+if external.strip():
+    table("external_cross_dataset.csv")
+    table("external_drop.csv")
+else:
+    display(Markdown("No external dataset given (`make report EXTERNAL=<folder>[,<folder>]` adds this section)."))
 
 # %% [markdown]
 # ## Colophon

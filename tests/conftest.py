@@ -51,3 +51,18 @@ def one_thread():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluated():
+    """The phantom taken through stage 04 with the tiny profile (`make evaluate PROFILE=tiny`) under the session's
+    CMR_OUTPUT_ROOT: what 05_explain reads. A later `make report PROFILE=tiny` in the session goes on from it."""
+    import subprocess
+
+    from cmr_utils.paths import PROJ_ROOT, workspace
+
+    cmd = ["make", "--no-print-directory", "evaluate", "PROFILE=tiny"]
+    done = subprocess.run(cmd, cwd=PROJ_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return workspace("tiny", "")

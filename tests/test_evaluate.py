@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from cmr_utils.evaluate import (ef_agreement_table, evaluate_run, labelled_source, native_predictions,
-                                predict_probabilities, score_predictions, score_run)
+                                score_predictions, score_run)
 from cmr_utils.geometry import SliceGeometry, one_hot
+from cmr_utils.inference import predict_probabilities
 from cmr_utils.prepare import Prepared, prepare_dataset
 from cmr_utils.readers import open_source
 
@@ -137,6 +138,27 @@ def test_evaluate_run_with_a_saved_model(prepared, tmp_path, one_thread):
     scored = evaluate_run(tmp_path, prepared)  # the source is the one named in the manifest
     assert len(scored["per_slice"]) == len(images) and 0 <= scored["iou_model_grid"] <= 1
     assert set(scored["per_volume"]["hd95_unit"]) == {"mm"} and scored["per_volume"]["dice"].between(0, 1).all()
+
+
+def test_predict_probabilities_is_the_softmax_of_predict_and_checks_its_input(one_thread):
+    import torch
+
+    from cmr_utils.inference import predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 4, 3, padding=1).eval()
+    images = np.random.default_rng(0).random((5, 12, 10), dtype=np.float32)
+    probs = predict_probabilities(model, images, batch_size=2)  # batches of 2, 2 and 1
+    labels, logits = predict(model, images, batch_size=3, return_logits=True)
+    assert probs.shape == (5, 4, 12, 10) and probs.dtype == np.float32
+    assert np.allclose(probs, torch.softmax(torch.from_numpy(logits), dim=1).numpy(), atol=1e-6)
+    assert np.array_equal(probs.argmax(axis=1), labels)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            predict_probabilities(model, images, batch_size=bad)
+    for shape in ((5, 1, 12, 10), (12, 10), (0, 12, 10)):
+        with pytest.raises(ValueError, match=r"images must have shape \(N, H, W\) with N >= 1"):
+            predict_probabilities(model, np.zeros(shape, np.float32))
 
 
 def test_explanation_numbers_and_summary():

@@ -1,4 +1,5 @@
-"""Tests of cmr_utils.explain: Seg-Grad-CAM and the numbers for explanations, on tiny synthetic data."""
+"""Tests of cmr_utils.explain (Seg-Grad-CAM and the numbers for explanations) and cmr_utils.inference.predict, on tiny
+synthetic data."""
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -16,7 +17,8 @@ from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget  # n
 from scipy.stats import spearmanr  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cmr_utils import explain  # noqa: E402
+from cmr_utils import explain, inference  # noqa: E402
+from cmr_utils.explain import faithfulness  # noqa: E402
 
 SIZE = 64  # the FPN needs multiples of 32; at 64 px encoder.layer4 is 2x2, enough for a CAM
 
@@ -80,7 +82,7 @@ def test_cam_equals_plain_pytorch_grad_cam(model, data):
 
 def test_cam_default_region_is_the_prediction_and_batches_agree(model, data):
     images, _ = data
-    predicted, _ = explain.predict(model, images)
+    predicted, _ = inference.predict(model, images)
     category = int(np.bincount(predicted.ravel(), minlength=4)[1:].argmax()) + 1  # a predicted class
     default = explain.seg_grad_cam(model, images, category, batch_size=2)
     given = explain.seg_grad_cam(model, images, category, masks=predicted == category, batch_size=3)
@@ -149,15 +151,15 @@ def test_logits_wrapper_unwraps_dict_and_tuple_outputs():
             return (x.repeat(1, 4, 1, 1) * 2, x)
 
     x = torch.rand(2, 1, 8, 8)
-    torch.testing.assert_close(explain.LogitsWrapper(DictModel())(x), x.repeat(1, 4, 1, 1))
-    torch.testing.assert_close(explain.LogitsWrapper(TupleModel())(x), x.repeat(1, 4, 1, 1) * 2)
+    torch.testing.assert_close(inference.LogitsWrapper(DictModel())(x), x.repeat(1, 4, 1, 1))
+    torch.testing.assert_close(inference.LogitsWrapper(TupleModel())(x), x.repeat(1, 4, 1, 1) * 2)
     with pytest.raises(ValueError, match="key"):
-        explain.LogitsWrapper(DictModel(), key="logits")(x)
+        inference.LogitsWrapper(DictModel(), key="logits")(x)
 
 
 def test_resolve_layer_finds_layers_and_lists_candidates(model):
     assert explain.resolve_layer(model) is model.encoder.layer4
-    assert explain.resolve_layer(explain.LogitsWrapper(model), "decoder.p5") is model.decoder.p5
+    assert explain.resolve_layer(inference.LogitsWrapper(model), "decoder.p5") is model.decoder.p5
     with pytest.raises(ValueError) as error:
         explain.resolve_layer(model, "encoder.layer5")
     assert "encoder.layer3" in str(error.value) and "decoder" in str(error.value)
@@ -165,11 +167,25 @@ def test_resolve_layer_finds_layers_and_lists_candidates(model):
 
 def test_predict_gives_argmax_labels(model, data):
     images, _ = data
-    labels, logits = explain.predict(model, images, batch_size=2, return_logits=True)
+    labels, logits = inference.predict(model, images, batch_size=2, return_logits=True)
     assert labels.dtype == np.uint8 and labels.shape == images.shape
     assert logits.shape == (3, 4, SIZE, SIZE)
     np.testing.assert_array_equal(labels, logits.argmax(axis=1))
-    assert explain.predict(model, images)[1] is None
+    assert inference.predict(model, images)[1] is None
+
+
+def test_predict_rejects_bad_input_with_clear_errors(model, data):
+    images, _ = data
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        inference.predict(model, images, batch_size=0)
+    with pytest.raises(ValueError, match=r"images must have shape \(N, H, W\)"):
+        inference.predict(model, images[0])
+    with pytest.raises(ValueError, match="empty"):
+        inference.predict(model, images[:0])
+    with pytest.raises(ValueError, match="NaN"):
+        inference.predict(model, np.full_like(images, np.nan))
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        inference.predict(model, images.tolist())
 
 
 # ------------------------------------------------------------------ numbers with known answers
@@ -253,8 +269,8 @@ def test_deletion_insertion_endpoints_equal_the_baseline_score(model, data):
     cam = explain.seg_grad_cam(model, images[:1], 3, masks=region[None])[0]
     for baseline in ("blur", "mean"):
         result = explain.deletion_insertion(model, image, 3, cam, region, steps=4, baseline=baseline)
-        base = explain._baseline_image(image, baseline, 5.0)
-        _, logits = explain.predict(model, np.stack([image, base]), return_logits=True)
+        base = faithfulness._baseline_image(image, baseline, 5.0)
+        _, logits = inference.predict(model, np.stack([image, base]), return_logits=True)
         unperturbed, baseline_score = (logits[:, 3] * region).sum(axis=(1, 2))
         np.testing.assert_allclose(result["fractions"], [0, 0.25, 0.5, 0.75, 1.0])
         for curve in ("deletion", "random_deletion"):
@@ -313,7 +329,7 @@ def test_sanity_check_correlations(model, data, monkeypatch):
     assert rho.shape == (2,) and np.all((rho >= -1) & (rho <= 1))
     assert np.all(rho < 0.999)  # the random model explains differently
     # with an "identical" randomised model, the CAMs coincide: correlation 1
-    monkeypatch.setattr(explain, "randomised_copy", lambda m, seed=0: m)
+    monkeypatch.setattr(faithfulness, "randomised_copy", lambda m, seed=0: m)
     same = explain.sanity_check_randomised(model, images[:2], 3, layer="encoder.layer3", seed=0, masks=masks[:2])
     np.testing.assert_allclose(same, 1.0)
 

@@ -109,7 +109,7 @@ def test_one_run_keeps_the_best_validation_checkpoint(tmp_path):
     assert result["best_val_dice"] == pytest.approx(history["val_dice"].max())
     # the saved model reproduces the best epoch's validation IoU
     from cmr_utils import metrics
-    from cmr_utils.explain import predict
+    from cmr_utils.inference import predict
 
     pred, _ = predict(load_trained_model(tmp_path), xv)
     assert metrics.study_iou(*metrics.slice_stats(pred, yv)) == pytest.approx(result["best_val_iou"], abs=1e-5)

@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from cmr_utils.models import (WeightsUnavailable, build_backbone, build_segmentation_model, fold_to_one_channel,
-                              load_encoder_strict)
+from cmr_utils.encoders import build_backbone
+from cmr_utils.models import WeightsUnavailable, build_segmentation_model, fold_to_one_channel, load_encoder_strict
 
 
 def torchvision_resnet18_state(seed=0):
@@ -51,7 +51,7 @@ def test_imagenet_offline_with_empty_cache_fails_fast_and_says_where(tmp_path, m
 
 
 def test_ssl_encoder_loads_strictly(tmp_path):
-    from cmr_utils.ssl import save_encoder
+    from cmr_utils.encoders import save_encoder
 
     backbone = build_backbone()
     torch.nn.init.normal_(backbone.layer3[0].conv1.weight)

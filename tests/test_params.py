@@ -1,10 +1,12 @@
 """Parameter profiles and the paths contract."""
 import copy
+import os
+import subprocess
 
 import pytest
 
 from cmr_utils import params as P
-from cmr_utils.paths import data_tag, run_name, workspace
+from cmr_utils.paths import PROJ_ROOT, data_tag, run_name, workspace
 from cmr_utils.plan import finetune_runs, make_variables
 
 
@@ -70,8 +72,32 @@ def test_missing_and_unknown_keys(tmp_path, monkeypatch):
     (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
     with pytest.raises(P.ParameterError, match="broken.yaml: not valid YAML"):
         P.load_profile("broken")
-    with pytest.raises(P.ParameterError, match="no file .*nothere.yaml; known profiles: \\['broken'\\]"):
+    with pytest.raises(P.ParameterError, match="profile 'nothere' does not exist .*nothere.yaml.*; the profiles "
+                                              "that exist: broken$"):
         P.load_profile("nothere")
+
+
+def test_an_unknown_profile_lists_the_profiles_that_exist():
+    with pytest.raises(P.ParameterError) as err:
+        P.load_profile("nope")
+    message = str(err.value)
+    assert message.startswith("profile 'nope' does not exist") and "nope.yaml" in message
+    assert message.endswith("the profiles that exist: " + ", ".join(P.known_profiles()))
+    assert {"tiny", "default", "paper"} <= set(P.known_profiles())
+    with pytest.raises(P.ParameterError, match="does not exist"):
+        P.load_profile("../params/tiny")  # a profile is a name in params/, never a path
+
+
+def test_make_refuses_an_unknown_profile_before_anything_runs(tmp_path):
+    """`make report PROFILE=nope` names the profile and lists the ones that exist, and no recipe runs."""
+    done = subprocess.run(["make", "--no-print-directory", "-n", "report", "PROFILE=nope"], cwd=PROJ_ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CMR_OUTPUT_ROOT": str(tmp_path)})
+    assert done.returncode != 0
+    assert "profile 'nope' does not exist (no params/nope.yaml)" in done.stderr
+    assert "the profiles that exist: " + " ".join(P.known_profiles()) in done.stderr
+    assert "No rule to make target" not in done.stderr and done.stdout == ""
+    assert not list((PROJ_ROOT / ".make").glob("plan-nope-*")) and not list(tmp_path.iterdir())
 
 
 def test_paths_keep_data_and_profiles_apart(tmp_path):

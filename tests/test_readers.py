@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from cmr_utils.readers import DataError, detect_layout, open_source, parse_info_cfg
+from cmr_utils.readers import acdc as readers_acdc, base as readers_base
+from cmr_utils.readers import decathlon as readers_decathlon, la2018 as readers_la2018
 from conftest import real_dir
 
 
@@ -106,7 +108,8 @@ def test_missing_empty_and_unknown_folders(tmp_path):
     with pytest.raises(DataError, match="empty"):
         open_source(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="(?s)unrecognised data layout.*acdc-nifti.*acdc-h5.*decathlon.*la2018-h5"):
+    with pytest.raises(DataError, match="(?s)unrecognised data layout.*acdc-nifti.*acdc-h5.*decathlon.*la2018-h5"
+                                        ".*mnms.*nifti-pairs"):
         detect_layout(tmp_path)
 
 
@@ -223,8 +226,14 @@ def test_n_slices_every_layout_from_headers_only(tmp_path, rng, monkeypatch):
     def no_voxels(*args, **kwargs):
         raise AssertionError("n_slices read voxel data")
 
-    monkeypatch.setattr("cmr_utils.readers._read_nifti", no_voxels)
-    monkeypatch.setattr("cmr_utils.readers._read_h5", no_voxels)
+    # every readers module that reads voxels binds the readers itself (``from .base import _read_nifti``)
+    patched = []
+    for module in (readers_base, readers_acdc, readers_decathlon, readers_la2018):
+        for name in ("_read_nifti", "_read_h5"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_voxels)
+                patched.append(f"{module.__name__.rpartition('.')[2]}.{name}")
+    assert {"acdc._read_nifti", "acdc._read_h5", "decathlon._read_nifti", "la2018._read_h5"} <= set(patched)
     for folder, src in sources.items():
         assert src.slice_counts() == expected[folder]
         first = src.patients()[0]

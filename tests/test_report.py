@@ -1,7 +1,9 @@
-"""The report's recipe paragraph and budget line (cmr_utils.report.describe_recipe / describe_plan)."""
+"""The report's recipe paragraph and budget line (cmr_utils.report.describe_recipe / describe_plan), the reasons
+it gives for empty tables, and its figures' alternative text (cmr_utils.plots)."""
 import copy
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -82,3 +84,109 @@ def test_describe_plan_lists_dropped_budgets():
     assert "dropped by the plan: 1200" in describe_plan(plan) and "1020 slices" in describe_plan(plan)
     kept = Plan("tiny", "", Path("phantom"), 40, ["all", 8], [], [], [])
     assert "none dropped" in describe_plan(kept)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tables that are empty for a reason, and figures with alternative text
+
+def runs_table(*rows):
+    return pd.DataFrame([dict(zip(("init", "budget", "status", "reason"), r)) for r in rows])
+
+
+def test_an_empty_table_of_trained_runs_says_which_runs_were_not_trained():
+    from cmr_utils.report import comparison_gap, trained_runs_gap
+
+    runs = runs_table(("imagenet", "all", "unavailable", "no weights file in the hub cache"),
+                      ("imagenet", "8", "unavailable", "no weights file in the hub cache"))
+    assert trained_runs_gap(runs, "all") == ("no fine-tuning run with all labels was trained "
+                                             "(imagenet: no weights file in the hub cache)")
+    assert trained_runs_gap(runs, "150") == "the plan has no fine-tuning run with budget 150"
+    assert "re-run `make evaluate`" in trained_runs_gap(runs_table(("random", "all", "ok", None)), "all")
+    assert comparison_gap(runs) == "a paired comparison needs two initialisations with trained runs; none has any"
+    one = runs_table(("random", "all", "ok", None), ("imagenet", "all", "unavailable", "no weights"))
+    assert "only random has any" in comparison_gap(one)
+
+
+def test_an_empty_ejection_fraction_table_says_why():
+    from cmr_utils.report import ef_gap
+
+    assert "no test patient has both phases labelled" in ef_gap(pd.DataFrame(columns=["ef_true", "ef_pred"]))
+    assert "undefined" in ef_gap(pd.DataFrame({"ef_true": [float("nan")], "ef_pred": [0.5]}))
+
+
+def numbers_for(init, seed=0, n_slices=2, value=float("nan"), region=0, truth=10):
+    from cmr_utils.explain import XAI_METRICS
+
+    return pd.DataFrame([{"slice": k, "structure": s, "init": init, "seed": seed, "layer": "encoder.layer4",
+                          **{m: value for m in XAI_METRICS}, "region_pixels": region, "truth_pixels": truth}
+                         for k in range(n_slices) for s in ("RV", "MYO", "LV")])
+
+
+def test_explanation_gaps_name_each_initialisation_without_numbers():
+    from cmr_utils.report import explanation_gaps, explanation_note
+
+    numbers = pd.concat([numbers_for("random"),  # predicted nothing
+                         numbers_for("simsiam", value=0.4, region=7),  # has numbers
+                         numbers_for("swav", region=5, truth=0),  # no structure in the ground truth
+                         numbers_for("swav", seed=1, region=5, truth=0)])
+    gaps = explanation_gaps(numbers, ["random", "imagenet", "simsiam", "swav"])
+    assert set(gaps) == {"random", "imagenet", "swav"}
+    assert gaps["random"].startswith("its model predicted no RV, MYO or LV on the 2 explained test slices")
+    assert gaps["imagenet"] == "not explained: it has no trained run with all labels"
+    assert "none of the 2 explained test slices contains RV, MYO or LV" in gaps["swav"]
+    assert explanation_note(numbers, ["random", "imagenet", "simsiam", "swav"]).startswith("**Not in the table**")
+    assert explanation_note(numbers[numbers["init"] == "simsiam"], ["simsiam"]) is None
+    zero_cams = numbers_for("random", region=6)
+    assert "CAMs of its model were zero" in explanation_gaps(zero_cams, ["random"], image_size=128)["random"]
+    one_pixel = explanation_gaps(zero_cams, ["random"], image_size=32)["random"]  # layer4: stride 32
+    assert one_pixel.startswith("encoder.layer4 downsamples 32-px slices to a 1 x 1 feature map")
+    assert "zero" not in one_pixel  # the one-pixel map is the reason, not the gradient
+    two = explanation_note(pd.concat([numbers_for("random"), numbers_for("swav")]), ["random", "swav"])
+    assert two.startswith("**No explanation numbers**: **random, swav**: its model predicted no") and two.count(
+        "predicted no") == 1  # one sentence for the initialisations that share a reason
+    both = explanation_gaps(numbers_for("random"), ["random"], image_size=32)["random"]
+    assert "1 x 1 feature map" in both and ", and its model predicted no RV, MYO or LV" in both
+    note = explanation_note(numbers_for("random", seed=0).assign(seed=[0, 0, 0, 1, 1, 1]), ["random"])
+    assert note.startswith("**No explanation numbers**: **random**: its 2 models (one per seed) predicted no")
+
+
+def test_explained_regions_count_region_and_truth_pixels():
+    from cmr_utils.report import explained_regions
+
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[0, :2, :2] = 3
+    region = np.zeros_like(truth)
+    region[1, 0, :3] = 1
+    counts = explained_regions(region, truth).set_index(["slice", "structure"])
+    assert counts.loc[(0, "LV"), "truth_pixels"] == 4 and counts.loc[(0, "LV"), "region_pixels"] == 0
+    assert counts.loc[(1, "RV"), "region_pixels"] == 3 and counts["region_pixels"].sum() == 3
+    with pytest.raises(ValueError, match="two \\(N, H, W\\) label stacks"):
+        explained_regions(region[0], truth[0])
+
+
+def test_figures_keep_their_alternative_text_through_nbconvert(tmp_path):
+    import matplotlib.pyplot as plt
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from cmr_utils import plots
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    alt = "Line chart of test IoU rising from 0.1 to 0.3 over three label budgets, random init"
+    path = plots.save_figure(fig, tmp_path / "curve.png", alt)
+    assert plots.figure_alt(path) == alt and not plt.get_fignums()  # stored in the PNG; the figure is closed
+    fig2, _ = plt.subplots()
+    outputs = [nbformat.v4.new_output("display_data", data={"text/html": html})
+               for html in (plots.figure_html(path), plots.figure_html(fig2, "Empty axes of a second <test> figure"))]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("", outputs=outputs)])
+    body, _ = HTMLExporter(exclude_input=True).from_notebook_node(nb)
+    assert f'alt="{alt}"' in body and 'alt="Empty axes of a second &lt;test&gt; figure"' in body
+    assert "No description has been provided" not in body  # nbconvert's text for an image without alt
+    with pytest.raises(ValueError, match="alternative text must say what the figure shows"):
+        plots.figure_html(plt.subplots()[0], "figure")
+    plain = tmp_path / "plain.png"
+    plt.subplots()[0].savefig(plain)
+    with pytest.raises(ValueError, match="plain.png: no alternative text stored"):
+        plots.figure_html(plain)
+    plt.close("all")

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from cmr_utils import ssl
-from cmr_utils.models import build_backbone
+from cmr_utils.encoders import build_backbone
 
 IMAGE_SIZE = 32
 BATCH = 4

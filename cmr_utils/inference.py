@@ -1,0 +1,138 @@
+"""Prediction with a segmentation model: the one place that turns images into label maps and probabilities.
+
+- :class:`LogitsWrapper` makes any segmentation model return its raw logits (B, C, H, W) as one tensor;
+- :func:`predict`: label maps (N, H, W) uint8, and the logits if asked, in batches on the model's device;
+- :func:`predict_probabilities`: softmax probabilities (N, C, H, W) float32, through the same batching;
+- the input checks every model-running function shares: :func:`as_input_tensor`,
+  :func:`check_batch_size`, :func:`model_device`, :func:`as_logits_model`.
+
+Array conventions: images (N, H, W) float32 in [0, 1] (or (N, 1, H, W), numpy or tensor); label maps
+uint8 (0 background, 1 RV, 2 MYO, 3 LV).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class LogitsWrapper(nn.Module):
+    """Make any segmentation model return its raw logits (B, C, H, W) as one tensor.
+
+    pytorch-grad-cam calls the model and hands the output to the target, so the output must be the
+    logits tensor. Models that return a dict take the value under ``key`` (default ``"out"``, the
+    torchvision convention) or, if the dict has a single entry, that entry; models that return a
+    tuple/list take its first element.
+    """
+
+    def __init__(self, model: nn.Module, key: str = "out"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.model(x)
+        if isinstance(output, Mapping):
+            if self.key in output:
+                output = output[self.key]
+            elif len(output) == 1:
+                output = next(iter(output.values()))
+            else:
+                raise ValueError(
+                    f"model returned a dict without key {self.key!r} and with several entries "
+                    f"({sorted(map(str, output))}); pass key= naming the logits"
+                )
+        elif isinstance(output, (tuple, list)):
+            if len(output) == 0:
+                raise ValueError("model returned an empty tuple/list; expected logits first")
+            output = output[0]
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"model output must be logits of shape (B, C, H, W), got {shape}")
+        return output
+
+
+def as_logits_model(model: nn.Module) -> LogitsWrapper:
+    """``model`` wrapped in a :class:`LogitsWrapper` (unless it already is one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model if isinstance(model, LogitsWrapper) else LogitsWrapper(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def as_input_tensor(images, name: str = "images") -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W), numpy or tensor -> a fresh float32 CPU tensor (N, 1, H, W).
+
+    Made outside inference mode: an inference tensor cannot take part in autograd (a clone can)."""
+    if isinstance(images, torch.Tensor):
+        with torch.inference_mode(False):
+            array = images.detach().to("cpu", torch.float32).clone()
+    elif isinstance(images, np.ndarray):
+        with torch.inference_mode(False):
+            array = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: memmaps are read-only
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(images).__name__}")
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (N, H, W) or (N, 1, H, W), got {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty (N = 0)")
+    if not torch.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise ``ValueError`` unless ``batch_size`` is a positive integer."""
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _logits_batches(model: nn.Module, images, batch_size: int, per_batch: Callable[[torch.Tensor], object]) -> list:
+    """``per_batch(logits)`` for each batch of ``images``, in order: the one batching loop of this module.
+
+    ``logits``: the model's raw output for the batch, (B, C, H, W) float32 on the CPU, computed under
+    ``torch.no_grad`` on the model's device."""
+    check_batch_size(batch_size)
+    x = as_input_tensor(images)
+    wrapped = as_logits_model(model)
+    device = model_device(model)
+    results = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            results.append(per_batch(wrapped(x[start:start + batch_size].to(device)).float().cpu()))
+    return results
+
+
+def predict(model: nn.Module, images, batch_size: int = 32, return_logits: bool = False):
+    """Label maps (N, H, W) uint8 = argmax of the logits, and the logits (N, C, H, W) float32 if asked.
+
+    Returns ``(labels, logits)``; ``logits`` is ``None`` unless ``return_logits``. Runs under
+    ``torch.no_grad`` on the model's device; the model's train/eval mode is left as it was (put it in
+    eval mode yourself).
+    """
+    batches = _logits_batches(model, images, batch_size,
+                              lambda out: (out.argmax(dim=1).to(torch.uint8).numpy(),
+                                           out.numpy() if return_logits else None))
+    labels = np.concatenate([b[0] for b in batches])
+    return labels, (np.concatenate([b[1] for b in batches]) if return_logits else None)
+
+
+def predict_probabilities(model: nn.Module, images, batch_size: int = 16) -> np.ndarray:
+    """Softmax probabilities (N, C, H, W) float32 of images (N, H, W) in [0, 1], in batches, under
+    ``torch.no_grad`` on the model's device (put the model in eval mode yourself). The model maps
+    (B, 1, H, W) to logits (B, C, H, W)."""
+    check_batch_size(batch_size)
+    if np.ndim(images) != 3 or len(images) == 0:
+        raise ValueError(f"images must have shape (N, H, W) with N >= 1, got {np.shape(images)}")
+    return np.concatenate(_logits_batches(model, images, batch_size, lambda out: torch.softmax(out, dim=1).numpy()))

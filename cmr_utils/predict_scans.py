@@ -1,0 +1,328 @@
+"""Segment new scans with a trained run: label maps as NIfTI on each input's own grid, and volumes.
+
+``predict_folder(run, input, output)`` (``make predict RUN=... INPUT=... OUTPUT=...``, or
+``python -m cmr_utils.predict_scans``) reads every scan of ``input`` in any layout of ``cmr_utils.readers``,
+applies exactly the run's preprocessing, predicts, maps the prediction back to the scan's original grid and
+writes into ``output``:
+
+- ``<case>_pred.nii.gz``: one per input file, with the input's shape, affine and header (data type uint8),
+  labels in ACDC's convention (0 background, 1 RV, 2 MYO, 3 LV), so that it overlays the input in ITK-SNAP and
+  3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A source without voxel spacing
+  (the HDF5 layouts) gets an identity affine (unit spacing) and a warning says so;
+- ``volumes.csv``: per case and phase (or cine frame), the LV, RV and myocardial volumes (mL; pixels where
+  the source has no spacing: column ``volume_unit``), the myocardial mass (g, at 1.05 g/mL) and the LV and
+  RV ejection fractions (%) on the ED and ES rows where both phases are known.
+
+**The run's preprocessing is read back, not re-typed.** Stage 01 squared, cropped and resized every slice
+(``cmr_utils.geometry.SliceGeometry``: ``resize``, ``field_of_view``, ``image_size`` of the prepared data's
+``manifest.json``) and normalised each volume to [0, 1] between its 1st and 99th intensity percentiles
+(``cmr_utils.prepare.normalise_volume``'s defaults, which stage 01 uses). A run records the SHA-256 of the
+manifest it was trained on (``result.json``: ``data_manifest_sha256``); the manifest is used only if it is
+still that file, and a ``preprocessing`` record in ``result.json`` takes precedence when a run has one.
+Each cine frame is normalised on its own, as a labelled volume was in training.
+
+Nothing is written until every scan is predicted: the outputs are made in a temporary sibling folder and
+swapped in at the end, so a failure leaves no partial output. OUTPUT must not lie inside INPUT (nothing the
+user gave is ever modified), and an existing OUTPUT is replaced only if it holds the outputs of an earlier
+prediction and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .files import AtomicDir
+from .geometry import SliceGeometry
+from .readers import CardiacVolume, DataError, Scan, open_source
+
+MYOCARDIAL_DENSITY = 1.05  # g/mL, the usual constant for myocardial mass
+VOLUME_COLUMNS = ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume", "myo_volume",
+                  "myo_mass_g", "lv_ef", "rv_ef"]
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class Preprocessing:
+    """What stage 01 did to a volume before the model saw it."""
+
+    image_size: int
+    resize: str
+    field_of_view: float
+    normalise_low: float  # percentiles of ``normalise_volume``
+    normalise_high: float
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Preprocessing":
+        from .prepare import normalise_volume
+
+        defaults = inspect.signature(normalise_volume).parameters  # stage 01 calls it with its defaults
+        return cls(int(manifest["image_size"]), manifest["resize"], float(manifest.get("field_of_view", 1.0)),
+                   float(defaults["low"].default), float(defaults["high"].default))
+
+    def geometry(self, orig_h: int, orig_w: int) -> SliceGeometry:
+        return SliceGeometry(int(orig_h), int(orig_w), self.resize, self.field_of_view, self.image_size)
+
+    def to_model(self, image: np.ndarray) -> tuple[np.ndarray, SliceGeometry]:
+        """(Z, h, w) original image -> (Z, S, S) model input in [0, 1], and the geometry to map back with."""
+        from .prepare import normalise_volume
+
+        geometry = self.geometry(*image.shape[1:])
+        model_image, _ = geometry.to_model(normalise_volume(image, self.normalise_low, self.normalise_high))
+        return model_image, geometry
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_preprocessing(run_dir: Path, prepared_dir: Path) -> Preprocessing:
+    """The preprocessing run ``run_dir`` was trained with: its ``result.json``'s ``preprocessing`` record, or
+    the prepared manifest whose SHA-256 the run recorded (an error if the manifest changed since)."""
+    result = _read_result(run_dir)
+    if "preprocessing" in result:
+        return Preprocessing(**result["preprocessing"])
+    manifest = Path(prepared_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: missing; the preprocessing of run {run_dir.name} is read from the "
+                                "prepared data it was trained on (rerun stage 01 and 03)")
+    recorded = result.get("data_manifest_sha256")
+    if hashlib.sha256(manifest.read_bytes()).hexdigest() != recorded:
+        raise DataError(f"{manifest}: not the prepared data run {run_dir.name} was trained on (its result.json "
+                        f"records manifest SHA-256 {str(recorded)[:12]}...); stage 01 was rerun since: rerun "
+                        "stage 03 for this run, or use the workspace it was trained in")
+    return Preprocessing.from_manifest(json.loads(manifest.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _read_result(run_dir: Path) -> dict:
+    path = Path(run_dir) / "result.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: missing; run stage 03 for {Path(run_dir).name} first") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+
+
+@dataclass
+class TrainedRun:
+    """A run's selected model with the preprocessing it was trained with; ``segment`` maps a volume (any
+    shape, any intensity range) to its label map on the volume's own grid."""
+
+    name: str
+    folder: Path
+    model: object
+    preprocessing: Preprocessing
+    batch_size: int = 16
+
+    def probabilities(self, vol: CardiacVolume) -> np.ndarray:
+        """Softmax probabilities (Z, C, h, w) on the volume's original grid."""
+        from .inference import predict_probabilities
+
+        model_image, geometry = self.preprocessing.to_model(vol.image)
+        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size))
+
+    def segment(self, vol: CardiacVolume) -> np.ndarray:
+        return self.probabilities(vol).argmax(axis=1).astype(np.uint8)
+
+
+def open_run(run: str, profile: str = "default", data: str | None = "", *, device: str = "cpu",
+             batch_size: int = 16) -> TrainedRun:
+    """Run ``run`` (``{init}-{budget}-s{seed}``) of the workspace of ``profile`` and ``data``, ready to segment.
+
+    A run that does not exist there, was trained with another profile or data, did not train (status not
+    ok) or has no model is an error that says which, and where to look."""
+    from .finetune import load_trained_model
+    from .paths import workspace
+
+    ws = workspace(profile, data)
+    run_dir = ws.finetune_dir(run)
+    if not (run_dir / "result.json").is_file():
+        elsewhere = sorted(p.parent for p in ws.root.glob(f"runs/*/*/finetune/{run}/result.json"))
+        hint = ""
+        if elsewhere:
+            hint = "; it exists for " + ", ".join(f"profile {p.parents[1].name} on data {p.parents[2].name}"
+                                                   for p in elsewhere) + " (pass that PROFILE= and DATA=)"
+        available = sorted(p.parent.name for p in ws.runs.glob("finetune/*/result.json"))
+        raise FileNotFoundError(f"run {run!r} does not exist for profile {profile!r} on data {ws.tag} "
+                                f"({run_dir} has no result.json){hint}; runs of this workspace: "
+                                f"{available or 'none (run make finetune)'}")
+    result = _read_result(run_dir)
+    if result.get("status") != "ok":
+        raise DataError(f"{run_dir / 'result.json'}: run {run} has status {result.get('status')!r}, no model "
+                        f"({result.get('reason', 'no reason recorded')})")
+    preprocessing = run_preprocessing(run_dir, ws.prepared)
+    model = load_trained_model(run_dir).to(device).eval()
+    return TrainedRun(run, run_dir, model, preprocessing, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def label_image(labels: np.ndarray, scan: Scan):
+    """A NIfTI image of ``labels`` (T, Z, Y, X) on ``scan``'s grid: the input's affine and header (uint8, no
+    intensity scaling), 4D for a cine, 3D otherwise; an identity affine where the input is not NIfTI."""
+    import nibabel as nib
+
+    data = np.ascontiguousarray(np.transpose(labels, (3, 2, 1, 0)) if scan.cine else labels[0].T, dtype=np.uint8)
+    if not scan.nifti:
+        image = nib.Nifti1Image(data, np.eye(4))
+        image.header.set_xyzt_units("mm")
+    else:
+        ref = nib.load(str(scan.path))
+        if tuple(ref.shape) != data.shape:
+            raise DataError(f"{scan.path}: prediction of shape {data.shape} does not match the image {ref.shape}")
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        image = type(ref)(data, ref.affine, header)
+        image.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+        image.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"], image.header["cal_max"] = 0, 3
+    image.header["descrip"] = b"labels 1 RV 2 MYO 3 LV (ACDC)"
+    return image
+
+
+def volume_rows(scan: Scan, predictions: list[np.ndarray]) -> list[dict]:
+    """One row per frame of ``scan``: LV, RV and myocardial volumes (mL, or pixels without spacing) and mass."""
+    from . import metrics
+
+    rows = []
+    for vol, pred in zip(scan.frames, predictions):
+        ml = vol.spacing is not None
+        v = {name: metrics.structure_volume(pred, k, vol.spacing) for k, name in metrics.STRUCTURES.items()}
+        rows.append({"case": scan.case, "patient": vol.patient, "phase": vol.phase, "frame": vol.frame,
+                     "volume_unit": "mL" if ml else "px", "lv_volume": v["LV"], "rv_volume": v["RV"],
+                     "myo_volume": v["MYO"], "myo_mass_g": v["MYO"] * MYOCARDIAL_DENSITY if ml else np.nan,
+                     **{k: val for k, val in vol.meta.items() if val is not None}})
+    return rows
+
+
+def volumes_table(rows: list[dict]) -> pd.DataFrame:
+    """The rows of ``volume_rows`` with LV and RV ejection fractions (%) on a patient's ED and ES rows where it
+    has exactly one of each (NaN where the ED volume is 0)."""
+    from .metrics import ejection_fraction
+
+    table = pd.DataFrame(rows)
+    table["lv_ef"], table["rv_ef"] = np.nan, np.nan
+    for _, group in table.groupby("patient", sort=False):
+        ed, es = group[group["phase"] == "ED"], group[group["phase"] == "ES"]
+        if len(ed) != 1 or len(es) != 1:
+            continue
+        for structure in ("lv", "rv"):
+            edv, esv = float(ed[f"{structure}_volume"].iloc[0]), float(es[f"{structure}_volume"].iloc[0])
+            table.loc[[ed.index[0], es.index[0]], f"{structure}_ef"] = \
+                ejection_fraction(edv, esv) if edv > 0 else np.nan
+    extra = [c for c in table.columns if c not in VOLUME_COLUMNS]
+    return table[VOLUME_COLUMNS + extra]
+
+
+def _check_output(input_dir: Path, output_dir: Path) -> None:
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if out == inp or inp in out.parents:
+        raise ValueError(f"OUTPUT {output_dir} lies inside INPUT {input_dir}; the input is never written to: "
+                         "choose a folder outside it")
+    if out in inp.parents:
+        raise ValueError(f"OUTPUT {output_dir} contains INPUT {input_dir}; choose a separate folder")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"OUTPUT {output_dir} is a file; expected a folder")
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name != "volumes.csv" and not p.name.endswith("_pred.nii.gz"))
+        if others:
+            raise ValueError(f"OUTPUT {output_dir} exists and holds other files ({others[:5]}); it is replaced "
+                             "only when it holds an earlier prediction (volumes.csv, *_pred.nii.gz): choose a "
+                             "new or empty folder")
+
+
+def predict_folder(segment: Callable[[CardiacVolume], np.ndarray] | TrainedRun, input_dir, output_dir, *,
+                   label_map: dict | str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Segment every scan of ``input_dir`` (any supported layout) into ``output_dir``; return volumes.csv's table.
+
+    ``segment``: a ``TrainedRun`` (``open_run``), or any function from a ``CardiacVolume`` to its label map
+    (Z, H, W) on the volume's grid in ACDC's labels. ``label_map``: for a nifti-pairs folder whose label files
+    use other values (see ``cmr_utils.readers.NiftiPairs``)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    _check_output(input_dir, output_dir)
+    source = open_source(input_dir, label_map=label_map)
+    segment_fn = segment.segment if isinstance(segment, TrainedRun) else segment
+    patients = source.patients()
+    if not source.has_spacing:
+        warnings.warn(f"{source.folder}: the {source.layout} layout records no voxel spacing; the predicted "
+                      "NIfTI files get unit spacing (an identity affine) and volumes.csv counts pixels",
+                      stacklevel=2)
+    staging = AtomicDir(output_dir)
+    try:
+        rows, n = [], 0
+        for scan in source.scans(patients):
+            n += 1
+            started = time.time()
+            predictions = []
+            for vol in scan.frames:
+                pred = np.asarray(segment_fn(vol), dtype=np.uint8)
+                if pred.shape != vol.image.shape:
+                    raise ValueError(f"{scan.path}: the segmenter returned shape {pred.shape} for an image of "
+                                     f"shape {vol.image.shape}")
+                predictions.append(pred)
+            label_image(np.stack(predictions), scan).to_filename(str(staging.path / f"{scan.case}_pred.nii.gz"))
+            rows += volume_rows(scan, predictions)
+            if progress:
+                print(f"predict: [{n}] {scan.case}: {len(scan.frames)} frame(s) of {scan.frames[0].image.shape} "
+                      f"in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
+        if not rows:
+            raise DataError(f"{input_dir}: no scan to predict")
+        table = volumes_table(rows)
+        table.to_csv(staging.path / "volumes.csv", index=False)
+        staging.commit()
+    except BaseException:
+        staging.abort()
+        raise
+    if progress:
+        print(f"predict: {n} scan(s) of {input_dir} ({source.layout}) -> {output_dir}", file=sys.stderr)
+    return table
+
+
+def predict_run(run: str, input_dir, output_dir, *, profile: str = "default", data: str | None = "",
+                label_map: dict | str | None = None, device: str = "cpu", batch_size: int = 16,
+                progress: bool = True) -> pd.DataFrame:
+    """``make predict``: ``open_run`` then ``predict_folder``; usable from a notebook."""
+    _check_output(Path(input_dir), Path(output_dir))  # before loading anything
+    trained = open_run(run, profile, data, device=device, batch_size=batch_size)
+    return predict_folder(trained, input_dir, output_dir, label_map=label_map, progress=progress)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="{init}-{budget}-s{seed}, e.g. random-all-s0")
+    parser.add_argument("--input", required=True, help="folder of scans in a supported layout")
+    parser.add_argument("--output", required=True, help="folder for <case>_pred.nii.gz and volumes.csv")
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--data", default="", help="the DATA= the run was trained on (empty: the phantom)")
+    parser.add_argument("--label-map", default=None, help="nifti-pairs label values -> ACDC's, e.g. 1:3,2:2,3:1")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    for name in ("run", "input", "output"):
+        if not getattr(args, name).strip():
+            print(f"error: {name.upper()}= is empty; usage: make predict RUN=<init>-<budget>-s<seed> "
+                  "INPUT=<folder> OUTPUT=<folder>", file=sys.stderr)
+            return 2
+    try:
+        predict_run(args.run, args.input, args.output, profile=args.profile, data=args.data,
+                    label_map=args.label_map, device=args.device, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as err:  # DataError included
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""``train_ssl``: seeded SSL pretraining of the backbone with early stopping on ``val_loss``.
+
+Returns the best epoch's backbone weights (keys of smp's ResNet18 encoder, checked by
+``cmr_utils.encoders``) with the per-epoch history and the collapse verdict.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ..encoders import validated_encoder_state
+from ..distributed import OneThreadWhenForked
+from ..training import FORK_STRATEGIES, EpochLine, quiet_lightning
+from .checks import require_float, require_int
+from .collapse import is_collapsed
+from .data import SliceDataset
+from .methods import get_method
+
+ENCODER_PREFIX = "backbone."  # how the backbone's keys appear inside a LightningModule checkpoint
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "embedding_std", "embedding_std_ratio"]
+
+
+_RESERVED_TRAINER_KEYS = ("max_epochs", "callbacks", "logger", "default_root_dir")
+
+
+def _check_slices(name: str, slices: Any) -> None:
+    if not isinstance(slices, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array (N, H, W), got {type(slices).__name__}")
+    if slices.ndim != 3:
+        raise ValueError(f"{name} must have shape (N, H, W), got {slices.shape}")
+
+
+def _history_from_csv(metrics_csv: Path) -> Any:
+    import pandas as pd
+
+    if not metrics_csv.exists():
+        raise RuntimeError(f"training wrote no metrics: {metrics_csv} is missing")
+    raw = pd.read_csv(metrics_csv)
+    # train and validation metrics sit on separate rows of the same epoch: one row per epoch
+    history = raw.groupby("epoch", as_index=False).first()
+    history = history.reindex(columns=HISTORY_COLUMNS)
+    history["epoch"] = history["epoch"].astype(int)
+    return history.dropna(subset=["train_loss"]).reset_index(drop=True)
+
+
+def train_ssl(
+    method: str,
+    train_slices: np.ndarray,
+    val_slices: np.ndarray,
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    lr: float,
+    seed: int,
+    num_workers: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+    method_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pretrain the backbone with ``method`` ("simsiam" or "swav") and return the best epoch's weights.
+
+    Early stopping and the kept checkpoint both follow ``val_loss`` (validation views are fixed per
+    slice, so the curve is not augmentation noise). ``lr`` feeds the method's own optimiser: SGD for
+    SimSiam (about 0.05 * batch / 256), Adam for SwAV (about 1e-3). ``method_kwargs`` go to the module
+    (heads, queue...), ``trainer_kwargs`` to ``pl.Trainer`` (accelerator, devices, precision,
+    limit_*_batches...; default CPU). The transform's own options are set through
+    ``method_kwargs["transform_kwargs"]``.
+
+    Returns {"backbone_state", "history" (DataFrame: epoch, train_loss, val_loss, embedding_std,
+    embedding_std_ratio), "epochs_run", "best_val_loss", "best_epoch", "collapsed", "embedding_dim",
+    "best_checkpoint", "log_dir"}.
+    """
+    spec = get_method(method)
+    _check_slices("train_slices", train_slices)
+    _check_slices("val_slices", val_slices)
+    image_size = require_int("image_size", image_size, 8)
+    batch_size = require_int("batch_size", batch_size, 2)  # BatchNorm in the heads needs 2
+    max_epochs = require_int("max_epochs", max_epochs, 1)
+    patience = require_int("patience", patience, 1)
+    lr = require_float("lr", lr, 0.0, strict=True)
+    seed = require_int("seed", seed, 0)
+    num_workers = require_int("num_workers", num_workers, 0)
+    if len(train_slices) < batch_size:
+        raise ValueError(
+            f"training pool has {len(train_slices)} slices, fewer than batch_size={batch_size}: "
+            "no full batch to train on (training drops the last incomplete batch)"
+        )
+    if len(val_slices) == 0:
+        raise ValueError("val_slices is empty: early stopping and checkpointing need a validation pool")
+    if len(val_slices) < 2:
+        raise ValueError(f"val_slices has {len(val_slices)} slice; the embedding std needs at least 2")
+    method_kwargs = dict(method_kwargs or {})
+    trainer_kwargs = dict(trainer_kwargs or {})
+    for key in ("lr", "max_epochs"):
+        if key in method_kwargs:
+            raise ValueError(f"method_kwargs must not set {key!r}: it is train_ssl's own argument")
+    for key in _RESERVED_TRAINER_KEYS:
+        if key in trainer_kwargs:
+            raise ValueError(f"trainer_kwargs must not set {key!r}: train_ssl sets it")
+    transform_kwargs = method_kwargs.pop("transform_kwargs", {})
+    # several processes (DDP): ``batch_size`` stays the global batch, each process loads its share of it
+    processes = trainer_kwargs.get("devices", 1) * trainer_kwargs.get("num_nodes", 1)
+    processes = processes if isinstance(processes, int) else 1
+    if batch_size % processes:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {processes} processes "
+                         "(trainer.devices x trainer.num_nodes)")
+    if len(val_slices) < processes:
+        raise ValueError(f"val_slices has {len(val_slices)} slices, fewer than the {processes} processes")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with quiet_lightning():
+        pl.seed_everything(seed, workers=True)
+        # the model first after seeding: its initial weights depend on the seed alone
+        model = spec["model"](lr=lr, max_epochs=max_epochs, **method_kwargs)
+        transform = spec["transform"](image_size, **transform_kwargs)
+        train_loader = torch.utils.data.DataLoader(
+            SliceDataset(train_slices, transform),
+            batch_size=batch_size // processes,
+            shuffle=True,
+            drop_last=True,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        val_loader = torch.utils.data.DataLoader(
+            SliceDataset(val_slices, transform, fixed_seed=seed),
+            batch_size=batch_size // processes,
+            shuffle=False,
+            drop_last=False,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+        # a fixed log folder, emptied first: a re-run replaces its history instead of adding version_N
+        shutil.rmtree(out_dir / "log", ignore_errors=True)
+        logger = pl.loggers.CSVLogger(save_dir=str(out_dir), name="", version="log")
+        checkpoint = pl.callbacks.ModelCheckpoint(
+            dirpath=Path(logger.log_dir) / "checkpoints",
+            filename="best-{epoch}",
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+        )
+        early_stopping = pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience)
+        accelerator = trainer_kwargs.get("accelerator", "cpu")
+        options: dict[str, Any] = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            # CUDA has ops without a deterministic kernel (e.g. adaptive pooling backward): warn there
+            "deterministic": True if accelerator == "cpu" else "warn",
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": max(1, min(50, len(train_loader))),
+        }
+        options.update(trainer_kwargs)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            callbacks=[early_stopping, checkpoint,
+                       EpochLine(method, n_images=len(train_loader) * (batch_size // processes),
+                                 monitor="embedding_std_ratio"),
+                       *([OneThreadWhenForked()] if options.get("strategy") in FORK_STRATEGIES else [])],
+            logger=logger,
+            default_root_dir=str(out_dir),
+            **options,
+        )
+        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader)
+
+    if trainer.interrupted:
+        raise RuntimeError(f"{method} pretraining was interrupted; no result")
+    best_path = checkpoint.best_model_path
+    if not best_path or not Path(best_path).exists():
+        raise RuntimeError(f"{method} pretraining saved no checkpoint (was val_loss ever logged?)")
+    saved = torch.load(best_path, map_location="cpu", weights_only=True)
+    backbone_state = {
+        key[len(ENCODER_PREFIX):]: value
+        for key, value in saved["state_dict"].items()
+        if key.startswith(ENCODER_PREFIX)
+    }
+    backbone_state = validated_encoder_state(backbone_state, source=best_path)
+    history = _history_from_csv(Path(logger.log_dir) / "metrics.csv")
+    best_epoch = int(saved["epoch"])
+    best_rows = history[history["epoch"] == best_epoch]
+    if best_rows.empty or not np.isfinite(best_rows["embedding_std"].iloc[0]):
+        raise RuntimeError(f"no embedding_std logged for the best epoch {best_epoch} of {method}")
+    best_std = float(best_rows["embedding_std"].iloc[0])
+    return {
+        "backbone_state": backbone_state,
+        "history": history,
+        "epochs_run": len(history),
+        # from the history: the fork-based launcher (ddp_notebook) does not hand the checkpoint's score back
+        "best_val_loss": float(best_rows["val_loss"].iloc[0]),
+        "best_epoch": best_epoch,
+        "collapsed": is_collapsed(best_std, model.embedding_dim),
+        "embedding_dim": model.embedding_dim,
+        "best_checkpoint": str(best_path),
+        "log_dir": str(logger.log_dir),
+    }

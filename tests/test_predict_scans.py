@@ -1,0 +1,193 @@
+"""make predict's function: every layout in, NIfTI on the input's grid and volumes.csv out; the run's records read
+back; every bad input a clear error with nothing half-written; external scoring of the phantom in new layouts."""
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmr_utils import metrics
+from cmr_utils.predict_scans import main, open_run, predict_folder, predict_run
+from cmr_utils.readers import DataError, open_source
+from test_readers_layouts import heart, oblique_affine, write_mnms, write_nifti, write_pairs
+
+
+def oracle(vol):
+    """A perfect segmenter: the volume's own labels (background where it has none)."""
+    return vol.label if vol.label is not None else np.zeros(vol.image.shape, np.uint8)
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_nifti_pairs_round_trip(tmp_path):
+    inp = write_pairs(tmp_path / "in")
+    before = snapshot(inp)
+    table = predict_folder(oracle, inp, tmp_path / "out", progress=False)
+    assert snapshot(inp) == before  # the input is never written to
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p01_ED_pred.nii.gz", "p01_ES_pred.nii.gz",
+                                                                   "p02_pred.nii.gz", "volumes.csv"]
+    for case in ("p01_ED", "p01_ES"):
+        pred, image = nib.load(str(tmp_path / "out" / f"{case}_pred.nii.gz")), nib.load(str(inp / f"{case}.nii.gz"))
+        assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
+        assert pred.get_data_dtype() == np.uint8
+        assert np.allclose(pred.affine, oblique_affine())
+        truth = np.asanyarray(nib.load(str(inp / f"{case}_gt.nii.gz")).dataobj)
+        got = np.asanyarray(pred.dataobj)
+        for k in (1, 2, 3):
+            assert metrics.structure_scores(got.T, truth.T)[metrics.STRUCTURES[k]]["dice"] == 1.0
+    csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert list(csv.columns) == ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume",
+                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef"]
+    pd.testing.assert_frame_equal(csv, table.astype({"frame": float}), check_dtype=False)
+    ed_label, es_label = heart(shift=0)[1], heart(shift=2)[1]
+    voxel_ml = 1.25 * 1.5 * 8.0 / 1000
+    ed = csv[csv["case"] == "p01_ED"].iloc[0]
+    assert ed["volume_unit"] == "mL" and ed["lv_volume"] == pytest.approx((ed_label == 3).sum() * voxel_ml)
+    assert ed["myo_mass_g"] == pytest.approx((ed_label == 2).sum() * voxel_ml * 1.05)
+    rv_ed, rv_es = (ed_label == 1).sum(), (es_label == 1).sum()
+    assert ed["rv_ef"] == pytest.approx(100 * (rv_ed - rv_es) / rv_ed)
+    assert np.isnan(csv[csv["case"] == "p02"]["lv_ef"]).all()  # no ED/ES pair: no EF
+
+
+def test_mnms_round_trip_gives_a_4d_mask_in_acdc_labels(tmp_path):
+    folder = write_mnms(tmp_path / "in")
+    table = predict_folder(oracle, folder, tmp_path / "out", progress=False)
+    image = nib.load(str(folder / "A0S9V9" / "A0S9V9_sa.nii.gz"))
+    pred = nib.load(str(tmp_path / "out" / "A0S9V9_sa_pred.nii.gz"))
+    assert pred.shape == image.shape == (20, 24, 4, 5) and np.allclose(pred.affine, image.affine)
+    raw = np.asanyarray(nib.load(str(folder / "A0S9V9" / "A0S9V9_sa_gt.nii.gz")).dataobj)  # 1 LV, 2 MYO, 3 RV
+    got = np.asanyarray(pred.dataobj)
+    for frame in (0, 3):
+        for acdc, mnms in ((1, 3), (2, 2), (3, 1)):
+            a, b = got[..., frame] == acdc, raw[..., frame] == mnms
+            assert b.any() and 2 * (a & b).sum() / (a.sum() + b.sum()) == 1.0
+    rows = table[table["patient"] == "B1C2D3"]
+    assert list(rows["phase"]) == ["ED", "F02", "F03", "ES", "F05"] and set(rows["vendor"]) == {"B"}
+    assert rows["lv_ef"].notna().sum() == 2 and set(rows["centre"].astype(str)) == {"2"}
+
+
+def test_sources_without_spacing_get_unit_spacing_and_a_warning(tmp_path):
+    import h5py
+
+    inp = tmp_path / "h5"
+    inp.mkdir()
+    for frame in (1, 9):
+        with h5py.File(inp / f"patient001_frame{frame:02d}.h5", "w") as f:
+            f["image"], f["label"] = heart()
+    with pytest.warns(UserWarning, match="records no voxel spacing; the predicted NIfTI files get unit spacing"):
+        table = predict_folder(oracle, inp, tmp_path / "out", progress=False)
+    pred = nib.load(str(tmp_path / "out" / "patient001_frame01_pred.nii.gz"))
+    assert np.allclose(pred.affine, np.eye(4)) and pred.shape == (20, 24, 4)
+    assert set(table["volume_unit"]) == {"px"} and table["myo_mass_g"].isna().all()
+    assert table["lv_volume"].iloc[0] == (heart()[1] == 3).sum()
+
+
+def test_output_rules_and_nothing_half_written(tmp_path):
+    inp = write_pairs(tmp_path / "in")
+    with pytest.raises(ValueError, match="lies inside INPUT"):
+        predict_folder(oracle, inp, inp / "pred", progress=False)
+    with pytest.raises(ValueError, match="lies inside INPUT"):
+        predict_folder(oracle, inp, inp, progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.docx").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \(\['thesis.docx'\]\)"):
+        predict_folder(oracle, inp, tmp_path / "busy", progress=False)
+    write_nifti(inp / "p02.nii.gz", np.zeros((2, 3, 4, 5, 6), np.float32))  # the last scan is bad
+    with pytest.raises(DataError, match="p02.nii.gz: expected a 3D volume"):
+        predict_folder(oracle, inp, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------- a trained run
+@pytest.fixture(scope="module")
+def run_workspace(tmp_path_factory, one_thread):
+    """A run folder as stage 03 leaves it (model.pt, result.json with the manifest's hash) beside its prepared
+    manifest, in the workspace of profile 'tiny' on a data folder."""
+    import torch
+
+    from cmr_utils.models import build_segmentation_model
+    from cmr_utils.paths import workspace
+
+    data = str(tmp_path_factory.mktemp("train-data"))
+    ws = workspace("tiny", data)
+    ws.prepared.mkdir(parents=True)
+    (ws.prepared / "manifest.json").write_text(json.dumps({"image_size": 32, "resize": "pad", "field_of_view": 0.8}))
+    run_dir = ws.finetune_dir("random-all-s0")
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_segmentation_model("random").state_dict(), run_dir / "model.pt")
+    sha = hashlib.sha256((ws.prepared / "manifest.json").read_bytes()).hexdigest()
+    (run_dir / "result.json").write_text(json.dumps({"status": "ok", "data_manifest_sha256": sha}))
+    return data, ws
+
+
+def test_a_run_predicts_on_the_input_grid(run_workspace, tmp_path):
+    data, ws = run_workspace
+    trained = open_run("random-all-s0", "tiny", data)
+    assert (trained.preprocessing.image_size, trained.preprocessing.resize, trained.preprocessing.field_of_view,
+            trained.preprocessing.normalise_low, trained.preprocessing.normalise_high) == (32, "pad", 0.8, 1.0, 99.0)
+    inp = write_pairs(tmp_path / "in")
+    assert main(["--run", "random-all-s0", "--profile", "tiny", "--data", data, "--input", str(inp),
+                 "--output", str(tmp_path / "out")]) == 0
+    for case in ("p01_ED", "p01_ES", "p02"):
+        pred, image = nib.load(str(tmp_path / "out" / f"{case}_pred.nii.gz")), nib.load(str(inp / f"{case}.nii.gz"))
+        assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
+        assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1, 2, 3}
+    probs = trained.probabilities(next(open_source(inp).volumes()))
+    assert probs.shape == (4, 4, 24, 20) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs[:, 0, :2] == 1).all()  # outside the 0.8 field of view: background, as stage 04 maps back
+
+
+def test_run_errors(run_workspace, tmp_path, capsys):
+    data, ws = run_workspace
+    inp = write_pairs(tmp_path / "in")
+    with pytest.raises(FileNotFoundError, match=r"run 'random-all-s7' does not exist for profile 'tiny'.*"
+                                                r"runs of this workspace: \['random-all-s0'\]"):
+        predict_run("random-all-s7", inp, tmp_path / "out", profile="tiny", data=data)
+    with pytest.raises(FileNotFoundError,
+                       match=r"it exists for profile tiny on data .*\(pass that PROFILE= and DATA=\)"):
+        predict_run("random-all-s0", inp, tmp_path / "out", profile="default", data=data)
+    assert main(["--run", "random-all-s0", "--profile", "default", "--data", data, "--input", str(inp),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "error: run 'random-all-s0' does not exist for profile 'default'" in capsys.readouterr().err
+    manifest = ws.prepared / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text(json.dumps({"image_size": 64, "resize": "pad", "field_of_view": 0.8}))
+    try:
+        with pytest.raises(DataError, match="not the prepared data run random-all-s0 was trained on"):
+            open_run("random-all-s0", "tiny", data)
+    finally:
+        manifest.write_text(original)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- external scoring
+def test_phantom_in_new_layouts_scores_as_the_test_split(phantom_sources, tmp_path):
+    """The phantom written as nifti-pairs and as M&Ms: a perfect segmenter scores Dice 1 on both, per vendor."""
+    from cmr_utils.convert import to_mnms, to_nifti_pairs
+    from cmr_utils.evaluate import external_tables, score_source
+
+    acdc = open_source(phantom_sources[0])
+    pairs = open_source(to_nifti_pairs(acdc, tmp_path / "pairs"))
+    mnms = open_source(to_mnms(acdc, tmp_path / "mnms"))
+    assert (pairs.layout, mnms.layout) == ("nifti-pairs", "mnms")
+    frames = []
+    for name, source in (("pairs", pairs), ("mnms", mnms)):
+        scored = score_source(oracle, source)
+        pv = scored["per_volume"]
+        assert len(pv) == 3 * 2 * len(acdc.patients()) and (pv["dice"] == 1.0).all()
+        assert set(pv["hd95_unit"]) == {"mm"} and len(scored["ef"]) == 2 * len(acdc.patients())
+        np.testing.assert_allclose(scored["ef"]["ef_pred"], scored["ef"]["ef_true"])
+        frames.append(pv.assign(dataset=name, init="oracle", seed=0))
+    assert set(frames[1]["vendor"]) == {"A", "B"} and "vendor" not in frames[0]
+    internal = frames[0].assign(dice=frames[0]["dice"] - 0.1)  # an internal split scored 0.1 lower
+    cross, drop = external_tables(internal, pd.concat(frames, ignore_index=True), n_boot=200)
+    assert list(cross["dataset"].unique()) == ["internal test", "mnms", "pairs"]
+    assert set(cross[cross["dataset"] == "mnms"]["vendor"]) == {"all", "A", "B"}
+    assert np.allclose(cross[cross["dataset"] != "internal test"]["mean"], 1.0)
+    np.testing.assert_allclose(drop["drop"], 0.1)
+    assert (drop["ci_low"] <= 0.1 + 1e-9).all() and (drop["ci_high"] >= 0.1 - 1e-9).all()
