@@ -96,6 +96,20 @@ class OneThreadWhenForked(Callback):
         torch.set_num_threads(1)
 
 
+def is_main_process() -> bool:
+    """Whether this process writes a stage's outputs: rank 0 of a process group, of a SLURM job or of torchrun
+    (each of whose processes executes the whole notebook); always true in a single process and in the notebook's
+    own process under the fork-based launcher (the forked ranks never return to the notebook)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    launcher = launched_externally()
+    if launcher == "torchrun":
+        return int(os.environ.get("RANK", "0")) == 0
+    if launcher == "slurm":
+        return int(os.environ.get("SLURM_PROCID", "0")) == 0
+    return True
+
+
 def launched_externally() -> str | None:
     """``"torchrun"`` or ``"slurm"`` when that launcher started this process as one of its ranks, else None
     (Lightning's own detection: ``TorchElasticEnvironment.detect``, ``SLURMEnvironment.detect``)."""

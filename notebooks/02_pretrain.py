@@ -27,6 +27,7 @@ method = "simsiam"
 import json
 
 from cmr_utils import paths, plots, ssl
+from cmr_utils.distributed import is_main_process
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared, split_pool
 from cmr_utils.training import trainer_options
@@ -52,7 +53,9 @@ result = ssl.train_ssl(
     method_kwargs=method_kwargs,
 )
 history = result["history"]
-history.to_csv(out / "history.csv", index=False)
+main = is_main_process()  # under srun / torchrun every process runs this notebook; only the first writes
+if main:
+    history.to_csv(out / "history.csv", index=False)
 history
 
 # %%
@@ -63,17 +66,19 @@ else:
     print(f"{method}: no collapse (embedding std ratio {history['embedding_std_ratio'].iloc[-1]:.2f} x 1/sqrt(d))")
 
 # %%
-ssl.save_encoder(result["backbone_state"], ws.encoder_path(method), {
-    "method": method, "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-    "best_val_loss": result["best_val_loss"], "collapsed": result["collapsed"], "parameters": {**{k: v for k, v in cfg.items() if k not in ("simsiam", "swav")}, method: cfg[method]},
-    "image_size": cfg["image_size"], "data_manifest_sha256": prepared.manifest_hash,
-    "pool_slices": {"train": len(train_idx), "val": len(val_idx)},
-})
-print(json.dumps(json.loads(ws.encoder_path(method).with_suffix(".json").read_text()), indent=1)[:600])
+if main:
+    ssl.save_encoder(result["backbone_state"], ws.encoder_path(method), {
+        "method": method, "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+        "best_val_loss": result["best_val_loss"], "collapsed": result["collapsed"], "parameters": {**{k: v for k, v in cfg.items() if k not in ("simsiam", "swav")}, method: cfg[method]},
+        "image_size": cfg["image_size"], "data_manifest_sha256": prepared.manifest_hash,
+        "pool_slices": {"train": len(train_idx), "val": len(val_idx)},
+    })
+    print(json.dumps(json.loads(ws.encoder_path(method).with_suffix(".json").read_text()), indent=1)[:600])
 
 # %% [markdown]
 # ## Loss curves (train and validation loss per epoch)
 
 # %%
 fig = plots.loss_curves({method: history}, f"{method} pretraining loss")
-fig.savefig(ws.figure(f"pretrain_loss_{method}.png"), dpi=120, bbox_inches="tight")
+if main:
+    fig.savefig(ws.figure(f"pretrain_loss_{method}.png"), dpi=120, bbox_inches="tight")

@@ -24,6 +24,7 @@ run = "random-all-s0"
 
 # %%
 from cmr_utils import paths
+from cmr_utils.distributed import is_main_process
 from cmr_utils.files import write_json_atomic
 from cmr_utils.finetune import sample_budgets, train_segmentation
 from cmr_utils.models import SSL_INITS, WeightsUnavailable
@@ -50,7 +51,9 @@ if len(train_slices) != sweep.n_train_slices:
                        f"{sweep.n_train_slices} in {sweep.folder}: stage 01 is out of date; re-run it")
 budgets = sample_budgets(len(train_slices), sweep.budgets, seed)  # the plan's budgets, nested per seed
 indices = budgets[budget]
-train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
+main = is_main_process()  # under srun / torchrun every process runs this notebook; only the first writes
+if main:
+    train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
 frozen = len(indices) < cfg["freeze_below"]
 batch_size = cfg["batch_size_all"] if budget == "all" else cfg["batch_size_budget"]
 epochs = cfg["epochs"] if budget == "all" else cfg["epochs_budget"]
@@ -71,5 +74,6 @@ except WeightsUnavailable as err:
     result = {"status": "unavailable", "init": init, "seed": seed, "reason": str(err)}
     print(f"UNAVAILABLE: {err}")
 result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash)
-write_json_atomic(out / "result.json", result)
+if main:
+    write_json_atomic(out / "result.json", result)
 result

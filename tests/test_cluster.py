@@ -102,3 +102,21 @@ def test_sbatch_script_is_valid_bash_and_names_the_cluster_profile():
     assert f"#SBATCH --nodes={profile['num_nodes']}" in text
     assert f"#SBATCH --ntasks-per-node={profile['devices']}" in text
     assert "paper-cluster" in text
+
+
+def test_only_rank_zero_of_a_launched_job_writes_the_notebooks_outputs(no_launcher):
+    from cmr_utils.distributed import is_main_process
+
+    assert is_main_process()  # one process, no launcher
+    srun_task(no_launcher, rank=5)
+    assert not is_main_process()
+    srun_task(no_launcher, rank=0)
+    assert is_main_process()
+    for name in LAUNCHER_VARIABLES:
+        no_launcher.delenv(name, raising=False)
+    for name, value in {"RANK": 3, "WORLD_SIZE": 8, "LOCAL_RANK": 3, "LOCAL_WORLD_SIZE": 4, "GROUP_RANK": 0,
+                        "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29400}.items():
+        no_launcher.setenv(name, str(value))
+    assert not is_main_process()
+    no_launcher.setenv("RANK", "0")
+    assert is_main_process()
