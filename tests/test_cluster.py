@@ -16,6 +16,12 @@ LAUNCHER_VARIABLES = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "
 
 @pytest.fixture
 def no_launcher(monkeypatch):
+    """No launcher's variables; and Lightning's process-wide rank (``rank_zero_only.rank``, which a Trainer built
+    under faked SLURM ranks sets to 5) restored afterwards, or every later Trainer of the session would think it is
+    rank 5 and write no logs."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
