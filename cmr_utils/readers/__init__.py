@@ -37,7 +37,7 @@ The source data are only ever read. Every problem with a file raises ``DataError
 """
 from .acdc import AcdcH5, AcdcNifti, parse_info_cfg
 from .base import ACDC_LABELS, LA_LABELS, CardiacVolume, DataError, Scan, Source, parse_label_map
-from .decathlon import Decathlon, read_dataset_json
+from .decathlon import Decathlon
 from .la2018 import La2018H5
 from .layouts import LAYOUTS, detect_layout, locate_layout, open_source
 from .mnms import MnMs
@@ -46,5 +46,5 @@ from .nifti_pairs import NiftiPairs
 __all__ = [
     "ACDC_LABELS", "LA_LABELS", "LAYOUTS", "AcdcH5", "AcdcNifti", "CardiacVolume", "DataError", "Decathlon",
     "La2018H5", "MnMs", "NiftiPairs", "Scan", "Source", "detect_layout", "locate_layout", "open_source",
-    "parse_info_cfg", "parse_label_map", "read_dataset_json",
+    "parse_info_cfg", "parse_label_map",
 ]

@@ -1,10 +1,9 @@
 """The Medical Segmentation Decathlon's Task02_Heart (``decathlon``): ``imagesTr/`` and ``labelsTr/``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .base import (LA_LABELS, CardiacVolume, DataError, Source, _check_image, _check_label, _depth, _nifti_shape,
+from .base import (LA_LABELS, CardiacVolume, Source, _check_image, _check_label, _depth, _nifti_shape,
                    _read_nifti, _spacing)
 
 
@@ -47,14 +46,3 @@ class Decathlon(Source):
         meta = [self.folder / "dataset.json"] if (self.folder / "dataset.json").exists() else []
         labels = [self.folder / "labelsTr" / p.name for p in self._images()]
         return meta + self._images() + [p for p in labels if p.exists()]
-
-
-def read_dataset_json(folder: Path) -> dict:
-    """The Decathlon's ``dataset.json`` (labels, modality), with a clear error when malformed."""
-    path = Path(folder) / "dataset.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: not found") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
