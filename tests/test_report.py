@@ -35,10 +35,10 @@ def test_paper_profile_is_the_studys_recipe(paper):
 def test_reduced_profile_says_what_differs_from_the_study(paper):
     params = load_profile("acdc-cpu")
     text = describe_recipe(params, [result(params)], profile="acdc-cpu", study=paper)
-    for words in ("Dice + cross-entropy loss", "AdamW (lr 1e-3, weight decay 1e-4)",
+    for words in ("Dice + cross-entropy loss", "AdamW (lr 2e-3, weight decay 1e-4)",
                   "one-epoch linear warm-up then cosine decay per step", "batch 8 (all labels) / 4 (budgets)",
                   "flips, rotations up to ±15°, scaling ±10 %, gamma 0.7–1.43",
-                  "the slice padded to a square, central 80 % kept, resized to 96 px", "6 epochs with all labels / 20 with a label budget",
+                  "the slice padded to a square, central 75 % kept, resized to 96 px", "14 epochs with all labels / 20 with a label budget",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "not the study's protocol", "loss", "field of view", "image size"):
         assert words in text, words
