@@ -32,6 +32,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": int,
         "max_epochs": int,
         "patience": int,
+        "keep": str,
         "seed": int,
         "simsiam": dict,
         "swav": dict,
@@ -67,6 +68,7 @@ SCHEMA: dict[str, Any] = {
 }
 CHOICES = {
     "data.resize": {"pad", "crop"},
+    "pretrain.keep": {"best", "last"},
     "finetune.loss": {"dice", "dice_ce"},
     "finetune.optimizer": {"adam", "adamw"},
     "finetune.schedule": {"constant", "warmup_cosine", "poly"},

@@ -90,7 +90,8 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "freeze_below"): "freezing", ("finetune", "budgets"): "label budgets",
             ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
             ("data", "image_size"): "image size", ("data", "resize"): "squaring",
-            ("data", "field_of_view"): "field of view"}
+            ("data", "field_of_view"): "field of view", ("pretrain", "image_size"): "pretraining",
+            ("pretrain", "max_epochs"): "pretraining", ("pretrain", "keep"): "pretraining"}
 
 
 def _number(x) -> str:
@@ -173,6 +174,21 @@ def _precision(configured: str, recorded: list) -> str:
     return words
 
 
+def _pretraining(cfg: dict, methods: list[str]) -> str:
+    """One sentence on how the SSL encoders were made (``pretrain`` section), or that none was fine-tuned."""
+    if not methods:
+        return "No self-supervised encoder was fine-tuned."
+    names = " and ".join({"simsiam": "SimSiam", "swav": "SwAV"}.get(m, m) for m in methods)
+    epochs = f"{_number(cfg['max_epochs'])} epoch{'' if cfg['max_epochs'] == 1 else 's'}"
+    if cfg["keep"] == "last":
+        how = f"{epochs}, the last epoch's encoder kept"
+    else:
+        how = (f"up to {epochs} with early stopping on the validation loss (patience {cfg['patience']}), "
+               "the lowest epoch's encoder kept")
+    return (f"**Pretraining** ({names}): {how}; views of {cfg['image_size']} px, batch {cfg['batch_size']}, on the "
+            "training patients of the unlabelled pool.")
+
+
 def protocol_differences(params: dict, study: dict) -> list[str]:
     """What ``params`` does differently from ``study`` (the parameters of params/paper.yaml), in words."""
     names = []
@@ -225,6 +241,7 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "
             f"{ft['freeze_below']} labelled slices; augmentation: {_augment(recipe['augment'])}; input: "
             f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}.")
+    text += " " + _pretraining(params["pretrain"], [i for i in ft["inits"] if i in params["pretrain"]["methods"]])
     study = load_profile("paper") if study is None else study
     differences = protocol_differences({**params, "finetune": {**ft, **recipe}, "data": geometry}, study)
     if differences:

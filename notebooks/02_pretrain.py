@@ -14,7 +14,8 @@
 # names of segmentation-models-pytorch) and its JSON sidecar; `history.csv`; the loss-curve figure.
 # **Parameters**: `method` (`simsiam` or `swav`), and `params/<profile>.yaml`, section `pretrain`.
 #
-# The pool is split by patient into training and validation; training stops early on the validation loss. A
+# The pool is split by patient into training and validation. With `keep: best` training stops early on the
+# validation loss and keeps its lowest epoch; with `keep: last` every epoch runs and the last is kept. A
 # collapse monitor (the standard deviation of the l2-normalised embeddings, about $1/\sqrt{d}$ when healthy,
 # near 0 when every image maps to the same point) is logged every epoch.
 
@@ -50,7 +51,7 @@ result = ssl.train_ssl(
     image_size=cfg["image_size"], batch_size=cfg["batch_size"], max_epochs=cfg["max_epochs"],
     patience=cfg["patience"], lr=cfg[method]["lr"], seed=cfg["seed"], num_workers=params["trainer"]["num_workers"],
     trainer_kwargs=trainer_options(params["trainer"]),
-    method_kwargs=method_kwargs,
+    method_kwargs=method_kwargs, keep=cfg["keep"],
 )
 history = result["history"]
 main = is_main_process()  # under srun / torchrun every process runs this notebook; only the first writes

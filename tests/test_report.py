@@ -26,7 +26,9 @@ def test_paper_profile_is_the_studys_recipe(paper):
     text = describe_recipe(paper, [result(paper, "bf16-mixed")] * 3, profile="paper")
     for words in ("profile paper", "Dice loss", "Adam (lr 1e-4)", "constant learning rate", "40 epochs",
                   "batch 128 (all labels) / 32 (budgets)", "frozen below 1000", "augmentation: flips only",
-                  "the whole slice", "224 px", "precision bf16 mixed precision", "This is the study's protocol"):
+                  "the whole slice", "224 px", "precision bf16 mixed precision", "This is the study's protocol",
+                  "**Pretraining** (SimSiam and SwAV): up to 100 epochs with early stopping on the validation loss "
+                  "(patience 5), the lowest epoch's encoder kept; views of 224 px, batch 256"):
         assert words in text, words
     for words in ("AdamW", "cross-entropy", "weight decay", "warm-up", "rotation", "not the study's", "Note"):
         assert words not in text, words

@@ -3,6 +3,7 @@ encoder files. Synthetic slices only; the two fits run once per module (fixtures
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -233,6 +234,20 @@ def test_train_ssl_simsiam_returns_best_backbone_and_history(simsiam_run):
 def test_train_ssl_swav_returns_best_backbone_and_history(swav_run):
     out_dir, result = swav_run
     check_run(out_dir, result, 1, SWAV_KWARGS, ssl.SwAVModule)
+
+
+def test_train_ssl_keep_last_runs_every_epoch_and_returns_the_last(tmp_path):
+    """keep="last": no early stopping, and the returned weights are the last epoch's checkpoint, whatever the loss."""
+    result = ssl.train_ssl("simsiam", synthetic_slices(16), synthetic_slices(6, seed=1), tmp_path,
+                           image_size=IMAGE_SIZE, batch_size=BATCH, max_epochs=3, patience=1, lr=0.01, seed=SEED,
+                           trainer_kwargs=SHORT_FIT, method_kwargs=dict(SIMSIAM_KWARGS), keep="last")
+    assert result["epochs_run"] == 3 and result["best_epoch"] == 2
+    assert Path(result["best_checkpoint"]).name == "last-epoch=2.ckpt"
+    saved = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(result["backbone_state"]["conv1.weight"], saved["backbone.conv1.weight"])
+    with pytest.raises(ValueError, match="keep: expected 'best'"):
+        ssl.train_ssl("simsiam", synthetic_slices(8), synthetic_slices(4), tmp_path, image_size=32, batch_size=4,
+                      max_epochs=1, patience=1, lr=0.01, seed=0, keep="final")
 
 
 def test_diverging_loss_raises_a_clear_error():

@@ -1,6 +1,6 @@
-"""``train_ssl``: seeded SSL pretraining of the backbone with early stopping on ``val_loss``.
+"""``train_ssl``: seeded SSL pretraining of the backbone, keeping the last epoch or the best ``val_loss``.
 
-Returns the best epoch's backbone weights (keys of smp's ResNet18 encoder, checked by
+Returns the kept epoch's backbone weights (keys of smp's ResNet18 encoder, checked by
 ``cmr_utils.encoders``) with the per-epoch history and the collapse verdict.
 """
 from __future__ import annotations
@@ -64,11 +64,14 @@ def train_ssl(
     num_workers: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
     method_kwargs: dict[str, Any] | None = None,
+    keep: str = "best",
 ) -> dict[str, Any]:
     """Pretrain the backbone with ``method`` ("simsiam" or "swav") and return the best epoch's weights.
 
-    Early stopping and the kept checkpoint both follow ``val_loss`` (validation views are fixed per
-    slice, so the curve is not augmentation noise). ``lr`` feeds the method's own optimiser: SGD for
+    ``keep="best"``: early stopping and the kept checkpoint both follow ``val_loss`` (validation views are
+    fixed per slice, so the curve is not augmentation noise). ``keep="last"``: every epoch runs and the last
+    one is kept, as SSL papers do; a lower SimSiam loss can also mean a narrower embedding (measured on ACDC,
+    its lowest validation loss fell on the epoch of lowest embedding spread), so the loss is only reported. ``lr`` feeds the method's own optimiser: SGD for
     SimSiam (about 0.05 * batch / 256), Adam for SwAV (about 1e-3). ``method_kwargs`` go to the module
     (heads, queue...), ``trainer_kwargs`` to ``pl.Trainer`` (accelerator, devices, precision,
     limit_*_batches...; default CPU). The transform's own options are set through
@@ -88,6 +91,8 @@ def train_ssl(
     lr = require_float("lr", lr, 0.0, strict=True)
     seed = require_int("seed", seed, 0)
     num_workers = require_int("num_workers", num_workers, 0)
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep: expected 'best' (lowest val_loss) or 'last', got {keep!r}")
     if len(train_slices) < batch_size:
         raise ValueError(
             f"training pool has {len(train_slices)} slices, fewer than batch_size={batch_size}: "
@@ -142,14 +147,16 @@ def train_ssl(
         # a fixed log folder, emptied first: a re-run replaces its history instead of adding version_N
         shutil.rmtree(out_dir / "log", ignore_errors=True)
         logger = pl.loggers.CSVLogger(save_dir=str(out_dir), name="", version="log")
+        # "best": the lowest val_loss; "last": no monitor, so the one checkpoint kept is always the latest epoch's
+        # (save_last would not do: Lightning writes last.ckpt only on epochs that also improve the monitor)
         checkpoint = pl.callbacks.ModelCheckpoint(
             dirpath=Path(logger.log_dir) / "checkpoints",
-            filename="best-{epoch}",
-            monitor="val_loss",
+            filename=f"{keep}-{{epoch}}",
+            monitor="val_loss" if keep == "best" else None,
             mode="min",
             save_top_k=1,
         )
-        early_stopping = pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience)
+        stopping = [pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience)] if keep == "best" else []
         accelerator = trainer_kwargs.get("accelerator", "cpu")
         options: dict[str, Any] = {
             "accelerator": "cpu",
@@ -164,7 +171,7 @@ def train_ssl(
         options.update(trainer_kwargs)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
-            callbacks=[early_stopping, checkpoint,
+            callbacks=[*stopping, checkpoint,
                        EpochLine(method, n_images=len(train_loader) * (batch_size // processes),
                                  monitor="embedding_std_ratio"),
                        *([OneThreadWhenForked()] if options.get("strategy") in FORK_STRATEGIES else [])],
