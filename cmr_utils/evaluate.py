@@ -163,13 +163,14 @@ def score_run(prepared, source: Source, probabilities_of: Callable[[np.ndarray],
 
 
 def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, device: str = "cpu",
-                 batch_size: int = 16) -> dict:
+                 batch_size: int = 16, flips: bool = False) -> dict:
     """Score one run's selected model on the test split (``score_run``); ``source`` defaults to the labelled
-    source named in the prepared manifest (pass it to read it once for many runs)."""
+    source named in the prepared manifest (pass it to read it once for many runs); ``flips``: average the
+    probabilities over flips (``predict_probabilities``, the profile's ``evaluate.test_time_flips``)."""
     model = load_trained_model(run_dir).to(device).eval()
     images = prepared.images("test")
     source = labelled_source(prepared) if source is None else source
-    return score_run(prepared, source, lambda rows: predict_probabilities(model, images[rows], batch_size))
+    return score_run(prepared, source, lambda rows: predict_probabilities(model, images[rows], batch_size, flips))
 
 
 # ---------------------------------------------------------------------------------------------- external data

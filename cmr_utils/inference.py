@@ -2,7 +2,8 @@
 
 - :class:`LogitsWrapper` makes any segmentation model return its raw logits (B, C, H, W) as one tensor;
 - :func:`predict`: label maps (N, H, W) uint8, and the logits if asked, in batches on the model's device;
-- :func:`predict_probabilities`: softmax probabilities (N, C, H, W) float32, through the same batching;
+- :func:`predict_probabilities`: softmax probabilities (N, C, H, W) float32, through the same batching, optionally
+  averaged over the four flips of each image (test-time augmentation, each flip undone on its output);
 - the input checks every model-running function shares: :func:`as_input_tensor`,
   :func:`check_batch_size`, :func:`model_device`, :func:`as_logits_model`.
 
@@ -128,11 +129,27 @@ def predict(model: nn.Module, images, batch_size: int = 32, return_logits: bool 
     return labels, (np.concatenate([b[1] for b in batches]) if return_logits else None)
 
 
-def predict_probabilities(model: nn.Module, images, batch_size: int = 16) -> np.ndarray:
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: the flips the CPU profiles train with
+
+
+def predict_probabilities(model: nn.Module, images, batch_size: int = 16, flips: bool = False) -> np.ndarray:
     """Softmax probabilities (N, C, H, W) float32 of images (N, H, W) in [0, 1], in batches, under
     ``torch.no_grad`` on the model's device (put the model in eval mode yourself). The model maps
-    (B, 1, H, W) to logits (B, C, H, W)."""
+    (B, 1, H, W) to logits (B, C, H, W).
+
+    ``flips``: the mean of the softmax over the image and its three flips (``FLIPS``), each flipped back
+    first: test-time augmentation for a model trained with flips (4x the inference cost)."""
     check_batch_size(batch_size)
     if np.ndim(images) != 3 or len(images) == 0:
         raise ValueError(f"images must have shape (N, H, W) with N >= 1, got {np.shape(images)}")
-    return np.concatenate(_logits_batches(model, images, batch_size, lambda out: torch.softmax(out, dim=1).numpy()))
+    if not flips:
+        return np.concatenate(_logits_batches(model, images, batch_size,
+                                              lambda out: torch.softmax(out, dim=1).numpy()))
+    x = as_input_tensor(images)
+    total = None
+    for dims in FLIPS:
+        flipped = torch.flip(x, dims) if dims else x
+        probs = np.concatenate(_logits_batches(
+            model, flipped, batch_size, lambda out, d=dims: torch.softmax(torch.flip(out, d) if d else out, dim=1).numpy()))
+        total = probs if total is None else total + probs
+    return total / len(FLIPS)

@@ -54,6 +54,7 @@ SCHEMA: dict[str, Any] = {
         "warmup_epochs": NUMBER,
         "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER},
     },
+    "evaluate": {"test_time_flips": bool},
     "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
                 "num_workers": int, "channels_last": bool, "compile": bool},
     "explain": {

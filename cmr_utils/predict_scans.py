@@ -124,13 +124,14 @@ class TrainedRun:
     model: object
     preprocessing: Preprocessing
     batch_size: int = 16
+    flips: bool = False  # test-time flips (the profile's evaluate.test_time_flips)
 
     def probabilities(self, vol: CardiacVolume) -> np.ndarray:
         """Softmax probabilities (Z, C, h, w) on the volume's original grid."""
         from .inference import predict_probabilities
 
         model_image, geometry = self.preprocessing.to_model(vol.image)
-        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size))
+        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size, self.flips))
 
     def segment(self, vol: CardiacVolume) -> np.ndarray:
         return self.probabilities(vol).argmax(axis=1).astype(np.uint8)
@@ -141,8 +142,10 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
     """Run ``run`` (``{init}-{budget}-s{seed}``) of the workspace of ``profile`` and ``data``, ready to segment.
 
     A run that does not exist there, was trained with another profile or data, did not train (status not
-    ok) or has no model is an error that says which, and where to look."""
+    ok) or has no model is an error that says which, and where to look. Predictions average over flips when
+    the profile's ``evaluate.test_time_flips`` says so, as stage 04 scores them."""
     from .finetune import load_trained_model
+    from .params import load_profile
     from .paths import workspace
 
     ws = workspace(profile, data)
@@ -163,7 +166,8 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
                         f"({result.get('reason', 'no reason recorded')})")
     preprocessing = run_preprocessing(run_dir, ws.prepared)
     model = load_trained_model(run_dir).to(device).eval()
-    return TrainedRun(run, run_dir, model, preprocessing, batch_size)
+    flips = load_profile(profile)["evaluate"]["test_time_flips"]
+    return TrainedRun(run, run_dir, model, preprocessing, batch_size, flips)
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -91,7 +91,8 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
             ("data", "image_size"): "image size", ("data", "resize"): "squaring",
             ("data", "field_of_view"): "field of view", ("pretrain", "image_size"): "pretraining",
-            ("pretrain", "max_epochs"): "pretraining", ("pretrain", "keep"): "pretraining"}
+            ("pretrain", "max_epochs"): "pretraining", ("pretrain", "keep"): "pretraining",
+            ("evaluate", "test_time_flips"): "test-time flips"}
 
 
 def _number(x) -> str:
@@ -240,7 +241,9 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "
             f"{ft['freeze_below']} labelled slices; augmentation: {_augment(recipe['augment'])}; input: "
-            f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}.")
+            f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}; "
+            + ("test predictions: the mean probabilities over each slice and its three flips."
+               if params["evaluate"]["test_time_flips"] else "test predictions: one pass per slice, no flips."))
     text += " " + _pretraining(params["pretrain"], [i for i in ft["inits"] if i in params["pretrain"]["methods"]])
     study = load_profile("paper") if study is None else study
     differences = protocol_differences({**params, "finetune": {**ft, **recipe}, "data": geometry}, study)

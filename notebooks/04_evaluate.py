@@ -58,7 +58,8 @@ images, truth, slices = prepared.images("test"), prepared.labels("test"), prepar
 source = evaluate.labelled_source(prepared)  # the original test volumes and labels, read one at a time
 per_slice, per_volume, ef, iou_model_grid = [], [], [], {}
 for run in results.itertuples():
-    scored = evaluate.evaluate_run(ws.finetune_dir(run.name), prepared, source)
+    scored = evaluate.evaluate_run(ws.finetune_dir(run.name), prepared, source,
+                                   flips=params["evaluate"]["test_time_flips"])
     keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
     iou_model_grid[run.name] = scored["iou_model_grid"]
     per_slice.append(scored["per_slice"].assign(**keys))  # model grid

@@ -161,6 +161,30 @@ def test_predict_probabilities_is_the_softmax_of_predict_and_checks_its_input(on
             predict_probabilities(model, np.zeros(shape, np.float32))
 
 
+def test_flip_averaged_probabilities_undo_each_flip(one_thread):
+    """flips=True: the mean of the softmax of the image and its three flips, each flipped back (worked out by hand
+    here); a model that commutes with flips (a symmetric kernel) gives the plain probabilities, an asymmetric one
+    does not."""
+    import torch
+
+    images = np.random.default_rng(1).random((3, 8, 6), dtype=np.float32)
+    torch.manual_seed(0)
+    skewed = torch.nn.Conv2d(1, 4, 3, padding=1).eval()
+    x = torch.from_numpy(images)[:, None]
+    with torch.no_grad():
+        expected = torch.softmax(skewed(x), dim=1) + sum(torch.flip(torch.softmax(skewed(torch.flip(x, d)), dim=1), d)
+                                                         for d in ((3,), (2,), (2, 3)))
+    averaged = predict_probabilities(skewed, images, batch_size=2, flips=True)
+    assert averaged.shape == (3, 4, 8, 6) and np.allclose(averaged, expected.numpy() / 4, atol=1e-6)
+    assert not np.allclose(averaged, predict_probabilities(skewed, images), atol=1e-3)
+    symmetric = torch.nn.Conv2d(1, 4, 3, padding=1).eval()
+    with torch.no_grad():  # each kernel equal to its own flips: the model commutes with every flip
+        w = symmetric.weight
+        w.copy_((w + w.flip(2) + w.flip(3) + w.flip(2, 3)) / 4)
+    assert np.allclose(predict_probabilities(symmetric, images, flips=True), predict_probabilities(symmetric, images),
+                       atol=1e-6)
+
+
 def test_explanation_numbers_and_summary():
     import torch
 

@@ -140,6 +140,13 @@ def test_a_run_predicts_on_the_input_grid(run_workspace, tmp_path):
     probs = trained.probabilities(next(open_source(inp).volumes()))
     assert probs.shape == (4, 4, 24, 20) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs[:, 0, :2] == 1).all()  # outside the 0.8 field of view: background, as stage 04 maps back
+    # the profile's test-time flips (tiny: on), as stage 04 scores: the flip-averaged probabilities, not one pass
+    from cmr_utils.inference import predict_probabilities
+
+    model_image, geometry = trained.preprocessing.to_model(next(open_source(inp).volumes()).image)
+    assert trained.flips is True
+    assert np.allclose(probs, geometry.to_native(predict_probabilities(trained.model, model_image, flips=True)), atol=1e-6)
+    assert not np.allclose(probs, geometry.to_native(predict_probabilities(trained.model, model_image)), atol=1e-4)
 
 
 def test_run_errors(run_workspace, tmp_path, capsys):

@@ -28,7 +28,8 @@ def test_paper_profile_is_the_studys_recipe(paper):
                   "batch 128 (all labels) / 32 (budgets)", "frozen below 1000", "augmentation: flips only",
                   "the whole slice", "224 px", "precision bf16 mixed precision", "This is the study's protocol",
                   "**Pretraining** (SimSiam and SwAV): up to 100 epochs with early stopping on the validation loss "
-                  "(patience 5), the lowest epoch's encoder kept; views of 224 px, batch 256"):
+                  "(patience 5), the lowest epoch's encoder kept; views of 224 px, batch 256",
+                  "test predictions: one pass per slice, no flips"):
         assert words in text, words
     for words in ("AdamW", "cross-entropy", "weight decay", "warm-up", "rotation", "not the study's", "Note"):
         assert words not in text, words
@@ -42,6 +43,8 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
                   "flips, rotations up to ±15°, scaling ±10 %, gamma 0.7–1.43",
                   "the slice padded to a square, central 75 % kept, resized to 96 px", "14 epochs with all labels / 20 with a label budget",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
+                  "test predictions: the mean probabilities over each slice and its three flips",
+                  "**Pretraining** (SimSiam and SwAV): up to 20 epochs with early stopping", "test-time flips",
                   "not the study's protocol", "loss", "field of view", "image size"):
         assert words in text, words
 
