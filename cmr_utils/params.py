@@ -47,6 +47,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size_budget": int,
         "lr": NUMBER,
         "freeze_below": int,
+        "budgets_below_freeze": str,
         "loss": str,
         "optimizer": str,
         "weight_decay": NUMBER,
@@ -70,6 +71,8 @@ SCHEMA: dict[str, Any] = {
 CHOICES = {
     "data.resize": {"pad", "crop"},
     "pretrain.keep": {"best", "last"},
+    # budgets below freeze_below: the study's frozen encoder only, or each also run with the encoder trained
+    "finetune.budgets_below_freeze": {"frozen", "frozen_and_trained"},
     "finetune.loss": {"dice", "dice_ce"},
     "finetune.optimizer": {"adam", "adamw"},
     "finetune.schedule": {"constant", "warmup_cosine", "poly"},

@@ -48,7 +48,9 @@ def kept_budgets(budgets: list, n_train_slices: int | None) -> tuple[list, list]
 
 
 def finetune_runs(params: dict, n_train_slices: int | None = None) -> list[dict]:
-    """Every fine-tuning run of the sweep: init x budget x seed.
+    """Every fine-tuning run of the sweep: init x budget (and its ``-trained`` variant, see ``budget_variants``)
+    x seed. ``slices`` names the run's labelled slices (``cmr_utils.finetune.sample_budgets``' key): a
+    ``150-trained`` run trains on the slices of ``150`` of its seed, so the two are paired.
 
     With ``n_train_slices`` (the training split's slice count), the budgets the data cannot hold are left out
     (see the module docstring); without it, every budget of the profile is listed. The study's runs come from
@@ -56,8 +58,23 @@ def finetune_runs(params: dict, n_train_slices: int | None = None) -> list[dict]
     """
     ft = params["finetune"]
     budgets, _ = kept_budgets(ft["budgets"], n_train_slices)
-    return [{"init": i, "budget": str(b), "seed": s, "name": run_name(i, b, s)}
-            for i in ft["inits"] for b in budgets for s in ft["seeds"]]
+    return [{"init": i, "budget": label, "seed": s, "name": run_name(i, label, s), "slices": str(b),
+             "encoder": encoder}
+            for i in ft["inits"] for b in budgets for label, encoder in budget_variants(b, ft)
+            for s in ft["seeds"]]
+
+
+TRAINED = "-trained"  # the budget label of a run below freeze_below whose encoder is trained, e.g. ``150-trained``
+
+
+def budget_variants(budget, ft: dict) -> list[tuple[str, str]]:
+    """``(budget label, encoder)`` of the runs of one budget: ``encoder`` is ``rule`` (frozen below
+    ``finetune.freeze_below`` slices, as in the study) or ``trained`` (the ``<budget>-trained`` run that
+    ``budgets_below_freeze: frozen_and_trained`` adds: the same slices, the encoder trained)."""
+    out = [(str(budget), "rule")]
+    if budget != "all" and budget < ft["freeze_below"] and ft["budgets_below_freeze"] == "frozen_and_trained":
+        out.append((f"{budget}{TRAINED}", "trained"))
+    return out
 
 
 def train_slice_count(source, fractions: tuple[float, float, float], seed: int) -> int:

@@ -9,6 +9,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from .plan import TRAINED  # noqa: E402
 from .prepare import normalise_volume  # noqa: E402
 
 LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.10, 0.75, 0.20), 3: (0.15, 0.35, 0.95)}
@@ -86,15 +87,24 @@ def validation_curves(histories: dict[str, pd.DataFrame]):
 def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
     """Mean (line) and 95% patient-level bootstrap interval (band) of ``value`` against labelled slices, one line
     per initialisation. ``summary`` has the columns of ``stats.bootstrap_mean_ci`` grouped by initialisation and
-    budget (init, mean, ci_low, ci_high, n_patients, optionally n_seeds) and n_labelled."""
+    budget (init, mean, ci_low, ci_high, n_patients, optionally n_seeds) and n_labelled. Where there are
+    ``<budget>-trained`` runs (``cmr_utils.plan.budget_variants``) and a ``frozen_encoder`` column, each
+    initialisation gets a second, dashed line through its runs whose encoder was trained."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for init, g in summary.groupby("init"):
-        g = g.sort_values("n_labelled")
+    for init, runs in summary.groupby("init"):
         colour = INIT_COLOURS.get(init)
-        ax.plot(g["n_labelled"], g["mean"], marker="o", color=colour, label=init)
-        # the band is the patient-level bootstrap interval (none below 2 patients), drawn within [0, 1]
-        ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]).clip(0, 1),
-                        g["ci_high"].fillna(g["mean"]).clip(0, 1), color=colour, alpha=0.15)
+        trained = runs["budget"].astype(str).str.endswith(TRAINED)
+        lines = [(runs[~trained], "-", init)]  # the study's rule: the encoder frozen below freeze_below
+        if trained.any() and "frozen_encoder" in runs:  # <budget>-trained runs: their line ends at the trained runs
+            lines.append((runs[trained | (~trained & ~runs["frozen_encoder"].astype(bool))], "--",
+                          f"{init}, encoder trained"))
+        for g, style, label in lines:
+            g = g.sort_values("n_labelled")
+            ax.plot(g["n_labelled"], g["mean"], style, marker="o", color=colour, label=label)
+            # the band is the patient-level bootstrap interval (none below 2 patients), drawn within [0, 1]
+            ax.fill_between(g["n_labelled"], g["ci_low"].fillna(g["mean"]).clip(0, 1),
+                            g["ci_high"].fillna(g["mean"]).clip(0, 1), color=colour, alpha=0.15 if style == "-"
+                            else 0.07)
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
     ax.set_xlabel("labelled training slices")

@@ -87,7 +87,8 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
             ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs", ("finetune", "epochs_budget"): "epochs",
             ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
-            ("finetune", "freeze_below"): "freezing", ("finetune", "budgets"): "label budgets",
+            ("finetune", "freeze_below"): "freezing", ("finetune", "budgets_below_freeze"): "freezing",
+            ("finetune", "budgets"): "label budgets",
             ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
             ("data", "image_size"): "image size", ("data", "resize"): "squaring",
             ("data", "field_of_view"): "field of view", ("pretrain", "image_size"): "pretraining",
@@ -240,7 +241,7 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "
-            f"{ft['freeze_below']} labelled slices; augmentation: {_augment(recipe['augment'])}; input: "
+            f"{ft['freeze_below']} labelled slices{_also_trained(ft)}; augmentation: {_augment(recipe['augment'])}; input: "
             f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}; "
             + ("test predictions: the mean probabilities over each slice and its three flips."
                if params["evaluate"]["test_time_flips"] else "test predictions: one pass per slice, no flips."))
@@ -254,6 +255,13 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     if notes:
         text += " Note: " + "; ".join(notes) + "."
     return text
+
+
+def _also_trained(ft: dict) -> str:
+    if ft.get("budgets_below_freeze", "frozen") != "frozen_and_trained":
+        return ""
+    return (" (each such budget is also run with the encoder trained, on the same slices: the `<budget>-trained` "
+            "runs, not the study's protocol)")
 
 
 def describe_plan(plan) -> str:

@@ -15,7 +15,10 @@
 # **Parameters**: `run` = `{init}-{budget}-s{seed}` and `params/<profile>.yaml`, sections `finetune`, `trainer`.
 #
 # The label budget is drawn from the training split only, nested across budgets for a given seed (150 within
-# 500 within 700 within 1200). The validation split chooses the epoch; the test split is not touched here.
+# 500 within 700 within 1200). The encoder is frozen below `finetune.freeze_below` slices, as in the study; with
+# `budgets_below_freeze: frozen_and_trained` each such budget also has a `<budget>-trained` run (e.g.
+# `random-150-trained-s0`): the same slices, the encoder trained. The validation split chooses the epoch; the test
+# split is not touched here.
 
 # %% tags=["parameters"]
 profile = "default"
@@ -50,11 +53,11 @@ if len(train_slices) != sweep.n_train_slices:
     raise RuntimeError(f"the prepared training split has {len(train_slices)} slices, the plan counted "
                        f"{sweep.n_train_slices} in {sweep.folder}: stage 01 is out of date; re-run it")
 budgets = sample_budgets(len(train_slices), sweep.budgets, seed)  # the plan's budgets, nested per seed
-indices = budgets[budget]
+indices = budgets[plan[run]["slices"]]  # a `150-trained` run: the slices of `150`, same seed
 main = is_main_process()  # under srun / torchrun every process runs this notebook; only the first writes
 if main:
     train_slices.iloc[indices][["patient", "phase", "slice"]].to_csv(out / "labelled_slices.csv")
-frozen = len(indices) < cfg["freeze_below"]
+frozen = len(indices) < cfg["freeze_below"] and plan[run]["encoder"] != "trained"  # the study's rule
 batch_size = cfg["batch_size_all"] if budget == "all" else cfg["batch_size_budget"]
 epochs = cfg["epochs"] if budget == "all" else cfg["epochs_budget"]
 print(f"{run}: {len(indices)} labelled slices from {train_slices.iloc[indices]['patient'].nunique()} patients; "

@@ -155,11 +155,13 @@ fig.savefig(ws.figure("validation_curves.png"), dpi=120, bbox_inches="tight")
 # The study's IoU per test slice on the model grid (slices with neither truth nor prediction left out): mean over
 # the test slices of all seeds and its 95 % patient-level bootstrap interval (2,000 resamples over test patients;
 # seeds pooled). `split_iou_seed_mean`: the study's IoU of the whole test split on the model grid
-# (`test_iou_model_grid`), mean over seeds, for reference.
+# (`test_iou_model_grid`), mean over seeds, for reference. `frozen_encoder`: the encoder was frozen (the study's
+# rule below `freeze_below` slices); `<budget>-trained` rows (the same slices, the encoder trained) are the dashed lines.
 
 # %%
 budget_runs = (results.groupby(["init", "budget"])
-               .agg(n_labelled=("n_labelled", "first"), split_iou_seed_mean=("test_iou_model_grid", "mean"))
+               .agg(n_labelled=("n_labelled", "first"), frozen_encoder=("frozen_encoder", "first"),
+                    split_iou_seed_mean=("test_iou_model_grid", "mean"))
                .reset_index())
 budget_summary = stats.bootstrap_mean_ci(per_slice, "iou", by=["init", "budget"]).merge(budget_runs,
                                                                                        on=["init", "budget"])

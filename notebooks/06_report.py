@@ -129,7 +129,8 @@ figure("validation_curves.png", "Two line charts over the fine-tuning epochs wit
 # %% [markdown]
 # ## 4 · Label budgets
 # Test IoU per slice on the model grid against the number of labelled training slices (the encoder is frozen below
-# `freeze_below` slices, as in the study): mean over the test slices of all seeds and its 95 % patient-level
+# `freeze_below` slices, as in the study; `<budget>-trained` rows and dashed lines: the same slices with the encoder
+# trained, where the profile asks for them): mean over the test slices of all seeds and its 95 % patient-level
 # bootstrap interval (2,000 resamples over test patients, seeds pooled). Budgets the training split cannot hold
 # were dropped by the plan (listed at the top).
 

@@ -1,5 +1,6 @@
 """The notebooks: paired and clean, and the whole compendium executed headless through `make report` with the
 tiny profile on the phantom (Papermill, the registered kernel, the dependency graph)."""
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import jupytext
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 
 from cmr_utils.paths import NOTEBOOKS_DIR, PROJ_ROOT, workspace
@@ -48,6 +50,13 @@ def test_make_report_tiny_produces_every_output(tiny_report):
     executed = sorted(p.name for p in ws.executed.glob("*.ipynb"))
     assert executed[:3] == ["01_prepare_data.ipynb", "02_pretrain-simsiam.ipynb", "02_pretrain-swav.ipynb"]
     assert "03_finetune-simsiam-8-s0.ipynb" in executed and "05_explain.ipynb" in executed
+    # tiny runs budget 8 both ways (budgets_below_freeze: frozen_and_trained): the same slices, frozen and trained
+    frozen, trained = (json.loads((ws.finetune_dir(f"random-{b}-s0") / "result.json").read_text()) for b in ("8", "8-trained"))
+    assert (frozen["frozen_encoder"], trained["frozen_encoder"], trained["budget"]) == (True, False, "8-trained")
+    assert ((ws.finetune_dir("random-8-s0") / "labelled_slices.csv").read_text()
+            == (ws.finetune_dir("random-8-trained-s0") / "labelled_slices.csv").read_text())
+    by_budget = pd.read_csv(ws.tables / "iou_by_budget.csv")
+    assert set(by_budget[by_budget["init"] == "random"]["budget"]) == {"all", "8", "8-trained"}
     assert not [n for n in executed if n.endswith((".tmp.ipynb", ".failed.ipynb", ".src.ipynb"))]
     for name in ("data_samples.png", "pretrain_loss_simsiam.png", "pretrain_loss_both.png", "validation_curves.png",
                  "budget_curve.png", "ef_agreement.png", "sample_prediction.png"):

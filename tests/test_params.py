@@ -116,9 +116,11 @@ def test_paths_keep_data_and_profiles_apart(tmp_path):
 
 def test_plan_names_every_run_deterministically():
     runs = finetune_runs(P.load_profile("tiny"))
-    assert [r["name"] for r in runs][:2] == ["random-all-s0", "random-8-s0"] and run_name("swav", 150, 2) == "swav-150-s2"
+    assert [r["name"] for r in runs][:3] == ["random-all-s0", "random-8-s0", "random-8-trained-s0"]
+    assert run_name("swav", 150, 2) == "swav-150-s2"
     text = make_variables("tiny", "")
-    assert "RUNS := random-all-s0 random-8-s0 imagenet-all-s0" in text and "METHODS := simsiam swav" in text
+    assert "RUNS := random-all-s0 random-8-s0 random-8-trained-s0 imagenet-all-s0" in text
+    assert "METHODS := simsiam swav" in text
 
 
 def test_paper_check_is_the_paper_profile_made_small():

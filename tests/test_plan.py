@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cmr_utils import plan as P
-from cmr_utils.params import load_profile
+from cmr_utils.params import load_profile, validate
 from cmr_utils.paths import PROJ_ROOT
 from cmr_utils.prepare import Prepared, prepare_dataset, split_patients
 from cmr_utils.readers import open_source
@@ -77,7 +77,7 @@ def test_budget_above_count_dropped_with_one_line(tmp_path, rng, profile, capsys
     folder = write_h5_patients(tmp_path / "h5", [2, 2, 2, 2], rng)  # train: 2 patients x 2 volumes x 2 = 8
     plan = P.plan_runs("tiny", str(folder))
     assert (plan.n_train_slices, plan.budgets, plan.dropped) == (8, ["all", 5], [40, 12, 8])
-    assert {r["budget"] for r in plan.runs} == {"all", "5"}
+    assert {r["budget"] for r in plan.runs} == {"all", "5", "5-trained"}  # tiny: budgets_below_freeze both
     assert P.main(["--profile", "tiny", "--data", str(folder), "--make"]) == 0
     out, err = capsys.readouterr()
     assert err.splitlines() == [
@@ -89,6 +89,26 @@ def test_budget_above_count_dropped_with_one_line(tmp_path, rng, profile, capsys
     assert "N_TRAIN_SLICES := 8" in out and "BUDGETS := all 5" in out
     refusal = plan.refuse("random-8-s0")
     assert "'random-8-s0' is not in the plan" in refusal and "budgets 40, 12, 8 dropped" in refusal
+
+
+def test_budgets_below_freeze_are_also_run_trained_on_the_same_slices(profile):
+    params = profile(["all", 1500, 150])
+    params["finetune"].update(freeze_below=1000, seeds=[0, 1])
+    runs = P.finetune_runs(params)
+    random = [(r["name"], r["budget"], r["slices"], r["encoder"]) for r in runs if r["init"] == "random"]
+    assert random == [("random-all-s0", "all", "all", "rule"), ("random-all-s1", "all", "all", "rule"),
+                      ("random-1500-s0", "1500", "1500", "rule"), ("random-1500-s1", "1500", "1500", "rule"),
+                      ("random-150-s0", "150", "150", "rule"), ("random-150-s1", "150", "150", "rule"),
+                      ("random-150-trained-s0", "150-trained", "150", "trained"),
+                      ("random-150-trained-s1", "150-trained", "150", "trained")]
+    params["finetune"]["budgets_below_freeze"] = "frozen"  # the study: no -trained run
+    assert [r["budget"] for r in P.finetune_runs(params) if r["init"] == "random"] == [
+        "all", "all", "1500", "1500", "150", "150"]
+    assert load_profile("paper")["finetune"]["budgets_below_freeze"] == "frozen"
+    bad = copy.deepcopy(params)
+    bad["finetune"]["budgets_below_freeze"] = "trained"
+    with pytest.raises(ValueError, match="finetune.budgets_below_freeze: expected one of"):
+        validate(bad, "x.yaml")
 
 
 def test_budgets_below_count_kept_silently(tmp_path, rng, profile, capsys):

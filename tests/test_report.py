@@ -31,7 +31,8 @@ def test_paper_profile_is_the_studys_recipe(paper):
                   "(patience 5), the lowest epoch's encoder kept; views of 224 px, batch 256",
                   "test predictions: one pass per slice, no flips"):
         assert words in text, words
-    for words in ("AdamW", "cross-entropy", "weight decay", "warm-up", "rotation", "not the study's", "Note"):
+    for words in ("AdamW", "cross-entropy", "weight decay", "warm-up", "rotation", "not the study's", "Note",
+                  "-trained"):
         assert words not in text, words
 
 
@@ -45,7 +46,9 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "test predictions: the mean probabilities over each slice and its three flips",
                   "**Pretraining** (SimSiam and SwAV): up to 20 epochs with early stopping", "test-time flips",
-                  "not the study's protocol", "loss", "field of view", "image size"):
+                  "not the study's protocol", "loss", "field of view", "image size", "freezing",
+                  "frozen below 1000 labelled slices (each such budget is also run with the encoder trained, on the "
+                  "same slices: the `<budget>-trained` runs"):
         assert words in text, words
 
 
@@ -195,3 +198,20 @@ def test_figures_keep_their_alternative_text_through_nbconvert(tmp_path):
     with pytest.raises(ValueError, match="plain.png: no alternative text stored"):
         plots.figure_html(plain)
     plt.close("all")
+
+
+def test_budget_curve_draws_trained_encoder_runs_as_a_second_line():
+    import matplotlib.pyplot as plt
+
+    from cmr_utils import plots
+
+    rows = [("random", "all", 1020, False, 0.8), ("random", "150", 150, True, 0.5),
+            ("random", "150-trained", 150, False, 0.6), ("simsiam", "all", 1020, False, 0.7),
+            ("simsiam", "150", 150, True, 0.55)]
+    summary = pd.DataFrame([{"init": i, "budget": b, "n_labelled": n, "frozen_encoder": f, "mean": m,
+                             "ci_low": m - 0.05, "ci_high": m + 0.05, "n_patients": 16} for i, b, n, f, m in rows])
+    fig = plots.budget_curve(summary)
+    lines = {line.get_label(): (line.get_linestyle(), list(line.get_ydata())) for line in fig.axes[0].lines}
+    assert lines == {"random": ("-", [0.5, 0.8]), "random, encoder trained": ("--", [0.6, 0.8]),
+                     "simsiam": ("-", [0.55, 0.7])}  # simsiam has no -trained run: one line
+    plt.close(fig)
