@@ -236,7 +236,7 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
                                      if data and k in data}}
     name = f" (profile {profile})" if profile else ""
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
-    if ft.get("epochs_budget", ft["epochs"]) != ft["epochs"]:
+    if ft["epochs_budget"] != ft["epochs"]:
         epochs += f" with all labels / {_number(ft['epochs_budget'])} with a label budget"
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
@@ -258,7 +258,7 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
 
 
 def _also_trained(ft: dict) -> str:
-    if ft.get("budgets_below_freeze", "frozen") != "frozen_and_trained":
+    if ft["budgets_below_freeze"] != "frozen_and_trained":
         return ""
     return (" (each such budget is also run with the encoder trained, on the same slices: the `<budget>-trained` "
             "runs, not the study's protocol)")
