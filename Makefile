@@ -5,6 +5,7 @@
 #                                    more folders, comma-separated, add pretraining-only sources
 #   make report PROFILE=paper        the study's full protocol (224 px, 40 epochs, all budgets; for a GPU)
 #   make report EXTERNAL=/a,/b       also score every run on labelled folders of other datasets (any layout)
+#   make run RUN=swav-150-s0         one run of the sweep (more: RUN="a b"), with the stages it needs first
 #   make predict RUN=random-all-s0 INPUT=/scans OUTPUT=/masks   segment new scans with a trained run
 #   make test                        the test suite
 #   JOBS=1                           one run at a time (default: one per core)
@@ -68,11 +69,20 @@ PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s|%s' "$(DATA)" "$(CMR_OUTPUT_
 $(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py $(wildcard cmr_utils/readers/*.py) cmr_utils/prepare.py
 	@mkdir -p $(dir $@)
 	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --external "$(EXTERNAL)" --make > $@.tmp && mv $@.tmp $@
-ifneq ($(filter report prepare pretrain finetune evaluate explain clean-outputs,$(MAKECMDGOALS)),)
+ifneq ($(filter report prepare pretrain finetune evaluate explain run clean-outputs,$(MAKECMDGOALS)),)
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error profile '$(PROFILE)' does not exist (no params/$(PROFILE).yaml); the profiles that exist: $(PROFILES))
 endif
 include $(PLAN)
+# `make run` checks RUN against the plan's runs once the plan exists (make reads this file again after making it)
+ifneq ($(and $(filter run,$(MAKECMDGOALS)),$(wildcard $(PLAN))),)
+ifeq ($(strip $(RUN)),)
+$(error make run needs RUN=<run>[ <run>...]; the runs of PROFILE=$(PROFILE) DATA=$(DATA): $(RUNS))
+endif
+ifneq ($(filter-out $(RUNS),$(RUN)),)
+$(error RUN: $(filter-out $(RUNS),$(RUN)) not in the plan of PROFILE=$(PROFILE) DATA=$(DATA); its runs: $(RUNS))
+endif
+endif
 endif
 
 LIB := $(wildcard cmr_utils/*.py cmr_utils/*/*.py) params/$(PROFILE).yaml $(STAMP)
@@ -108,6 +118,7 @@ endef
 prepare: $(PREP) ## stage 01: patient-level splits and slice sets
 pretrain: $(PRETRAIN) ## stage 02: SimSiam and SwAV pretraining
 finetune: $(FINETUNE) ## stage 03: the fine-tuning sweep (init x budget x seed)
+run: $(addprefix $(EXE)/03_finetune-,$(addsuffix .ipynb,$(RUN))) ## stage 03 for the runs named in RUN="..." only (and the stages they need)
 evaluate: $(EVALUATE) ## stage 04: test-set evaluation, ACDC metrics, statistics across seeds
 explain: $(EXPLAIN) ## stage 05: Seg-Grad-CAM and explanation numbers
 report: $(REPORTS_DIR)/report.html ## every stage, then reports/<data>/<profile>/report.html
@@ -167,7 +178,7 @@ sync: $(STAMP) ## re-pair the notebooks (.py <-> .ipynb) after editing one outsi
 clean-outputs: ## delete the runs and reports of this PROFILE and DATA
 	rm -rf $(RUNS_DIR) $(REPORTS_DIR)
 
-.PHONY: help env prepare pretrain finetune evaluate explain report test lab bench sync clean-outputs
+.PHONY: help env prepare pretrain finetune run evaluate explain report test lab bench sync clean-outputs
 
 # ------------------------------------------------------------------------------------------ new scans
 # make predict RUN=<init>-<budget>-s<seed> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...] [LABEL_MAP=1:3,2:2,3:1]

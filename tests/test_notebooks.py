@@ -2,6 +2,7 @@
 tiny profile on the phantom (Papermill, the registered kernel, the dependency graph)."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,18 @@ def test_second_make_report_does_nothing(tiny_report):
     assert "ipynb" not in again.stdout, again.stdout  # no stage ran
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
     assert not (PROJ_ROOT / "runs" / "phantom" / "tiny").exists()  # nothing written into the project
+
+
+def test_make_run_builds_the_named_runs_only(tiny_report):
+    # as if the fine-tuning notebook had changed: every run is out of date, `make run` redoes the one it names
+    dry = make("-n", "-W", "notebooks/03_finetune.py", "run", "PROFILE=tiny", "RUN=random-8-s0").stdout
+    assert sorted(set(re.findall(r"03_finetune-[\w-]+?(?=\.ipynb)", dry))) == ["03_finetune-random-8-s0"], dry
+    assert "04_evaluate" not in dry and "01_prepare_data" not in dry
+    unknown = make("-n", "run", "PROFILE=tiny", "RUN=random-8-s0 nope-8-s0", check=False)
+    assert unknown.returncode != 0 and "RUN: nope-8-s0 not in the plan of PROFILE=tiny" in unknown.stderr
+    assert "random-8-trained-s0" in unknown.stderr  # the message lists the runs that exist
+    empty = make("-n", "run", "PROFILE=tiny", check=False)
+    assert empty.returncode != 0 and "make run needs RUN=" in empty.stderr
 
 
 def test_an_unreadable_data_folder_stops_at_the_plan(tmp_path):
