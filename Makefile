@@ -155,6 +155,10 @@ $(EXPLAIN): notebooks/05_explain.py $(EVALUATE) $(LIB)
 $(REPORT): notebooks/06_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB) $(EXTERNAL_VALUE)
 	$(call papermill,06_report,-p external "$(EXTERNAL)")
 
+# stages 01, 04, 05 and 06 never run beside another stage (each waits for every stage before it, and every later
+# stage waits for it), so they take all the cores (`private`: the runs they wait for keep their share)
+$(PREP) $(EVALUATE) $(EXPLAIN) $(REPORT): private threads = $(NPROC)
+
 $(REPORTS_DIR)/report.html: $(REPORT)
 	$(PY) -m jupyter nbconvert --to html --no-input --log-level WARN --output-dir $(@D) --output report.tmp $<
 	mv $(@D)/report.tmp.html $@

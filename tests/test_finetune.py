@@ -111,9 +111,18 @@ def test_one_run_keeps_the_best_validation_checkpoint(tmp_path):
     from cmr_utils import metrics
     from cmr_utils.inference import predict
 
-    pred, _ = predict(load_trained_model(tmp_path), xv)
+    model = load_trained_model(tmp_path)
+    pred, _ = predict(model, xv)
     assert metrics.study_iou(*metrics.slice_stats(pred, yv)) == pytest.approx(result["best_val_iou"], abs=1e-5)
     assert result["precision"] == "32-true"
+    # loaded channels-last (faster on a CPU), predicting what the same weights predict in the default layout
+    from cmr_utils.models import build_segmentation_model
+
+    assert model.encoder.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = build_segmentation_model("random")
+    plain.load_state_dict(model.state_dict())
+    assert not plain.encoder.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(predict(plain.eval(), xv)[0], pred)
 
 
 def test_frozen_encoder_does_not_change(tmp_path):

@@ -92,6 +92,20 @@ def test_make_run_builds_the_named_runs_only(tiny_report):
     assert empty.returncode != 0 and "make run needs RUN=" in empty.stderr
 
 
+def test_parallel_runs_share_the_cores_and_the_serial_stages_take_them_all():
+    # two at a time: each run of stages 02-03 gets half the cores; 01, 04, 05 and 06, which never run beside
+    # another stage, get all of them
+    dry = make("-n", "-W", "notebooks/03_finetune.py", "-W", "notebooks/04_evaluate.py", "JOBS=2", "report",
+               "PROFILE=tiny").stdout
+    found = re.findall(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\}.*?/(\d\d_[\w-]+)\.ipynb\.src\.ipynb", dry)
+    threads = {stage: int(n) for n, stage in found}
+    cores = len(os.sched_getaffinity(0))  # what `nproc` counts
+    assert {s for s in threads if s.startswith("03_")} and "01_prepare_data" in threads, dry
+    for stage, n in threads.items():
+        expected = cores if stage[:2] in ("01", "04", "05", "06") else max(1, cores // 2)
+        assert n == expected, (stage, n, expected)
+
+
 def test_an_unreadable_data_folder_stops_at_the_plan(tmp_path):
     (tmp_path / "notes.txt").write_text("not cardiac MRI")
     done = make("prepare", "PROFILE=tiny", f"DATA={tmp_path}", check=False)
