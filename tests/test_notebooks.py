@@ -95,7 +95,7 @@ def test_make_run_builds_the_named_runs_only(tiny_report):
 def test_parallel_runs_share_the_cores_and_the_serial_stages_take_them_all():
     # two at a time: each run of stages 02-03 gets half the cores; 01, 04, 05 and 06, which never run beside
     # another stage, get all of them
-    dry = make("-n", "-W", "notebooks/03_finetune.py", "-W", "notebooks/04_evaluate.py", "JOBS=2", "report",
+    dry = make("-n", "-W", "notebooks/01_prepare_data.py", "JOBS=2", "report",
                "PROFILE=tiny").stdout
     found = re.findall(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\}.*?/(\d\d_[\w-]+)\.ipynb\.src\.ipynb", dry)
     threads = {stage: int(n) for n, stage in found}
