@@ -100,7 +100,8 @@ def test_parallel_runs_share_the_cores_and_the_serial_stages_take_them_all():
     found = re.findall(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\}.*?/(\d\d_[\w-]+)\.ipynb\.src\.ipynb", dry)
     threads = {stage: int(n) for n, stage in found}
     cores = len(os.sched_getaffinity(0))  # what `nproc` counts
-    assert {s for s in threads if s.startswith("03_")} and "01_prepare_data" in threads, dry
+    assert {s for s in threads if s.startswith("03_")}, dry
+    assert {"01_prepare_data", "04_evaluate", "05_explain", "06_report"} <= set(threads), dry
     for stage, n in threads.items():
         expected = cores if stage[:2] in ("01", "04", "05", "06") else max(1, cores // 2)
         assert n == expected, (stage, n, expected)
