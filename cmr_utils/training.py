@@ -42,6 +42,28 @@ def resolve_precision(precision: str, accelerator: str = "auto", fork_safe: bool
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+# ResNet18 halves a map five times; its last stage (layer4) sees ceil(size / 16) pixels a side
+BF16_CPU_MIN_INPUT = 17
+
+
+def require_bf16_safe_input(size: int, precision: str, accelerator: str, what: str) -> None:
+    """Refuse inputs of ``size`` px or less than ``BF16_CPU_MIN_INPUT`` for ResNet18 training in bf16 on a CPU.
+
+    With PyTorch 2.13's CPU backend (oneDNN), the bf16 weight gradient of a stride-2 3x3 convolution whose input
+    is 1 x 1 is wrong: values up to 1e37 where fp32 gives about 1, on most batches (measured on an AVX-512 bf16
+    CPU, one and two threads). ResNet18's stride-2 convolutions get a 1 x 1 input from every image of 16 px or
+    less; SwAV at 32 px (local views of 16 px) then trains to NaN within a dozen steps. fp32 computes it right.
+    """
+    bf16 = str(precision).startswith("bf16")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if bf16 and on_cpu and size < BF16_CPU_MIN_INPUT:
+        raise ValueError(
+            f"{what} is {size} px: below {BF16_CPU_MIN_INPUT} px, ResNet18's stride-2 convolutions see 1 x 1 maps, "
+            f"whose bf16 weight gradients PyTorch computes wrong on the CPU (training turns to NaN); use inputs of "
+            f"at least {BF16_CPU_MIN_INPUT} px, or trainer.precision 32-true"
+        )
+
+
 def _cuda_bf16_native(fork_safe: bool) -> bool:
     """Whether GPU 0 computes in bf16 natively (compute capability 8.0 or later; emulated bf16 does not count)."""
     if not fork_safe or torch.cuda.is_initialized():

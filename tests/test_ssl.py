@@ -197,6 +197,53 @@ def test_train_ssl_rejects_a_pool_smaller_than_the_batch(tmp_path):
                       image_size=32, batch_size=4, max_epochs=1, patience=1, lr=0.01, seed=0)
 
 
+def test_train_ssl_refuses_views_too_small_for_bf16_on_the_cpu(tmp_path):
+    """SwAV at 32 px takes local views of 16 px by default: refused in bf16 on the CPU before any training (they
+    trained to NaN), accepted in fp32 and with local views at the minimum size."""
+    from cmr_utils.training import BF16_CPU_MIN_INPUT
+
+    args = (synthetic_slices(8), synthetic_slices(4, seed=1))
+    kwargs = dict(image_size=32, batch_size=4, max_epochs=1, patience=1, lr=0.01, seed=0)
+    bf16 = {**SHORT_FIT, "precision": "bf16-mixed", "accelerator": "cpu"}
+    with pytest.raises(ValueError, match=r"smallest swav view.*local_size.*is 16 px.*32-true"):
+        ssl.train_ssl("swav", *args, tmp_path / "bf16", trainer_kwargs=bf16,
+                      method_kwargs={**SWAV_KWARGS, "queue_length": 0}, **kwargs)
+    assert not (tmp_path / "bf16").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"smallest simsiam view \(image_size 16\) is 16 px"):
+        ssl.train_ssl("simsiam", synthetic_slices(8, size=16), synthetic_slices(4, size=16, seed=1),
+                      tmp_path / "s16", trainer_kwargs=bf16, method_kwargs=SIMSIAM_KWARGS, **{**kwargs, "image_size": 16})
+    at_minimum = {**SWAV_KWARGS, "queue_length": 0, "transform_kwargs": {"n_local": 2, "local_size": BF16_CPU_MIN_INPUT}}
+    for name, trainer_kwargs, method_kwargs in [("fp32", {**SHORT_FIT, "precision": "32-true"}, SWAV_KWARGS),
+                                                ("minimum", bf16, at_minimum)]:
+        result = ssl.train_ssl("swav", *args, tmp_path / name, trainer_kwargs=trainer_kwargs,
+                               method_kwargs=dict(method_kwargs), **kwargs)
+        assert np.isfinite(result["history"]["train_loss"]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resnet18_bf16_gradients_match_fp32_from_the_minimum_input_size(threads):
+    """The threshold of require_bf16_safe_input is right for the installed PyTorch: at BF16_CPU_MIN_INPUT px, every
+    weight gradient of ResNet18 in bf16 autocast stays within a few times fp32's largest (below it, 1e37 was seen)."""
+    import copy
+
+    from cmr_utils.training import BF16_CPU_MIN_INPUT
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    for _ in range(3):
+        bf16_model = build_backbone().to(memory_format=torch.channels_last)
+        fp32_model = copy.deepcopy(bf16_model)
+        x = torch.rand(8, 1, BF16_CPU_MIN_INPUT, BF16_CPU_MIN_INPUT).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(8, 512)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = bf16_model(x)
+        (y.float() * w).sum().backward()
+        (fp32_model(x) * w).sum().backward()
+        for (name, p), q in zip(bf16_model.named_parameters(), fp32_model.parameters()):
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().max() <= 5 * q.grad.abs().max() + 1e-6, name
+
+
 def check_run(out_dir, result, max_epochs, method_kwargs, model_class):
     history = result["history"]
     assert list(history.columns) == ssl.HISTORY_COLUMNS

@@ -16,7 +16,7 @@ import torch
 
 from ..encoders import validated_encoder_state
 from ..distributed import OneThreadWhenForked
-from ..training import FORK_STRATEGIES, EpochLine, quiet_lightning
+from ..training import FORK_STRATEGIES, EpochLine, quiet_lightning, require_bf16_safe_input
 from .checks import require_float, require_int
 from .collapse import is_collapsed
 from .data import SliceDataset
@@ -120,6 +120,14 @@ def train_ssl(
                          "(trainer.devices x trainer.num_nodes)")
     if len(val_slices) < processes:
         raise ValueError(f"val_slices has {len(val_slices)} slices, fewer than the {processes} processes")
+    transform = spec["transform"](image_size, **transform_kwargs)
+    # the smallest view of one slice (a fixed seed: the global random state is left alone)
+    smallest = min(min(view.shape[-2:]) for view in SliceDataset(val_slices, transform, fixed_seed=seed)[0])
+    require_bf16_safe_input(
+        smallest, trainer_kwargs.get("precision", "32-true"), trainer_kwargs.get("accelerator", "cpu"),
+        f"the smallest {method} view (image_size {image_size}"
+        + ("; local views: transform_kwargs local_size, by default image_size // 2)" if method == "swav" else ")"),
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -127,7 +135,6 @@ def train_ssl(
         pl.seed_everything(seed, workers=True)
         # the model first after seeding: its initial weights depend on the seed alone
         model = spec["model"](lr=lr, max_epochs=max_epochs, **method_kwargs)
-        transform = spec["transform"](image_size, **transform_kwargs)
         train_loader = torch.utils.data.DataLoader(
             SliceDataset(train_slices, transform),
             batch_size=batch_size // processes,
