@@ -26,6 +26,7 @@ from .finetune import load_trained_model
 from .geometry import SliceGeometry
 from .inference import predict_probabilities
 from .readers import CardiacVolume, DataError, Source, open_source
+from .training import predicts_in_bf16
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -163,14 +164,19 @@ def score_run(prepared, source: Source, probabilities_of: Callable[[np.ndarray],
 
 
 def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, device: str = "cpu",
-                 batch_size: int = 16, flips: bool = False) -> dict:
-    """Score one run's selected model on the test split (``score_run``); ``source`` defaults to the labelled
-    source named in the prepared manifest (pass it to read it once for many runs); ``flips``: average the
-    probabilities over flips (``predict_probabilities``, the profile's ``evaluate.test_time_flips``)."""
+                 batch_size: int = 16, flips: bool = False, split: str = "test") -> dict:
+    """Score one run's selected model on ``split`` (``score_run``); ``source`` defaults to the labelled source
+    named in the prepared manifest (pass it to read it once for many runs); ``flips``: average the probabilities
+    over flips (``predict_probabilities``, the profile's ``evaluate.test_time_flips``). The model predicts in bf16
+    where it trained in bf16 and ``device`` runs bf16 natively (``training.predicts_in_bf16``)."""
+    run_dir = Path(run_dir)
     model = load_trained_model(run_dir).to(device).eval()
-    images = prepared.images("test")
+    result = run_dir / "result.json"
+    bf16 = predicts_in_bf16(json.loads(result.read_text()).get("precision") if result.is_file() else None, device)
+    images = prepared.images(split)
     source = labelled_source(prepared) if source is None else source
-    return score_run(prepared, source, lambda rows: predict_probabilities(model, images[rows], batch_size, flips))
+    return score_run(prepared, source,
+                     lambda rows: predict_probabilities(model, images[rows], batch_size, flips, bf16), split)
 
 
 # ---------------------------------------------------------------------------------------------- external data

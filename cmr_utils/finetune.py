@@ -255,18 +255,21 @@ def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
                        freeze_encoder: bool, trainer: dict, recipe: dict | None = None, encoder_path=None,
-                       name: str | None = None) -> dict:
+                       name: str | None = None, val_every: int = 1) -> dict:
     """Train one run into ``run_dir``; return its summary (also written as ``result.json`` by the caller).
 
     Writes ``model.pt`` (the state_dict of the epoch with the best validation Dice), ``history.csv`` (per-epoch
     train/validation loss, IoU and Dice per structure); the caller records the run's label budget
     (``labelled_slices.csv``). ``recipe``: loss, optimizer, weight_decay, schedule, warmup_epochs, augment
-    (``params/<profile>.yaml``, section ``finetune``); missing keys take the study's recipe.
+    (``params/<profile>.yaml``, section ``finetune``); missing keys take the study's recipe. ``val_every``: validate
+    (and select) every that many epochs; it must divide ``epochs``, so that the last epoch is among those validated.
     """
     pl = _lightning()
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1 or epochs % val_every:
+        raise ValueError(f"val_every: expected a positive integer dividing epochs ({epochs}), got {val_every!r}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -287,7 +290,8 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     fit = pl.Trainer(max_epochs=epochs, callbacks=callbacks,
                      logger=CSVLogger(run_dir, name="", version="log"), enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
-                     log_every_n_steps=50, use_distributed_sampler=False, **options)
+                     log_every_n_steps=50, use_distributed_sampler=False, check_val_every_n_epoch=val_every,
+                     **options)
     for loader in (train, val):  # before any process starts: a batch size the processes cannot share is an error
         loader.sampler.check(fit.world_size)
     with quiet_lightning():
@@ -302,7 +306,8 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     best_row = history.loc[history["val_dice"].idxmax()]
     losses = history["train_loss"].to_numpy()
     return {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
-            "frozen_encoder": freeze_encoder, "epochs": epochs, "best_epoch": int(best_row["epoch"]),
+            "frozen_encoder": freeze_encoder, "epochs": epochs, "val_every": val_every,
+            "best_epoch": int(best_row["epoch"]),
             "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
             "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
             "processes": fit.world_size,

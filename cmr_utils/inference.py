@@ -99,32 +99,34 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _logits_batches(model: nn.Module, images, batch_size: int, per_batch: Callable[[torch.Tensor], object]) -> list:
+def _logits_batches(model: nn.Module, images, batch_size: int, per_batch: Callable[[torch.Tensor], object],
+                    bf16: bool = False) -> list:
     """``per_batch(logits)`` for each batch of ``images``, in order: the one batching loop of this module.
 
     ``logits``: the model's raw output for the batch, (B, C, H, W) float32 on the CPU, computed under
-    ``torch.no_grad`` on the model's device."""
+    ``torch.no_grad`` on the model's device; with ``bf16``, under bf16 autocast (the precision a model trained in
+    bf16 mixed precision ran in; ``cmr_utils.training.predicts_in_bf16`` says when)."""
     check_batch_size(batch_size)
     x = as_input_tensor(images)
     wrapped = as_logits_model(model)
     device = model_device(model)
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
         for start in range(0, x.shape[0], batch_size):
             results.append(per_batch(wrapped(x[start:start + batch_size].to(device)).float().cpu()))
     return results
 
 
-def predict(model: nn.Module, images, batch_size: int = 32, return_logits: bool = False):
+def predict(model: nn.Module, images, batch_size: int = 32, return_logits: bool = False, bf16: bool = False):
     """Label maps (N, H, W) uint8 = argmax of the logits, and the logits (N, C, H, W) float32 if asked.
 
     Returns ``(labels, logits)``; ``logits`` is ``None`` unless ``return_logits``. Runs under
     ``torch.no_grad`` on the model's device; the model's train/eval mode is left as it was (put it in
-    eval mode yourself).
+    eval mode yourself). ``bf16``: under bf16 autocast (``_logits_batches``).
     """
     batches = _logits_batches(model, images, batch_size,
                               lambda out: (out.argmax(dim=1).to(torch.uint8).numpy(),
-                                           out.numpy() if return_logits else None))
+                                           out.numpy() if return_logits else None), bf16)
     labels = np.concatenate([b[0] for b in batches])
     return labels, (np.concatenate([b[1] for b in batches]) if return_logits else None)
 
@@ -132,24 +134,27 @@ def predict(model: nn.Module, images, batch_size: int = 32, return_logits: bool 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: the flips the CPU profiles train with
 
 
-def predict_probabilities(model: nn.Module, images, batch_size: int = 16, flips: bool = False) -> np.ndarray:
+def predict_probabilities(model: nn.Module, images, batch_size: int = 16, flips: bool = False,
+                          bf16: bool = False) -> np.ndarray:
     """Softmax probabilities (N, C, H, W) float32 of images (N, H, W) in [0, 1], in batches, under
     ``torch.no_grad`` on the model's device (put the model in eval mode yourself). The model maps
     (B, 1, H, W) to logits (B, C, H, W).
 
     ``flips``: the mean of the softmax over the image and its three flips (``FLIPS``), each flipped back
-    first: test-time augmentation for a model trained with flips (4x the inference cost)."""
+    first: test-time augmentation for a model trained with flips (4x the inference cost). ``bf16``: under bf16
+    autocast (``_logits_batches``); the softmax is taken in float32 either way."""
     check_batch_size(batch_size)
     if np.ndim(images) != 3 or len(images) == 0:
         raise ValueError(f"images must have shape (N, H, W) with N >= 1, got {np.shape(images)}")
     if not flips:
         return np.concatenate(_logits_batches(model, images, batch_size,
-                                              lambda out: torch.softmax(out, dim=1).numpy()))
+                                              lambda out: torch.softmax(out, dim=1).numpy(), bf16))
     x = as_input_tensor(images)
     total = None
     for dims in FLIPS:
         flipped = torch.flip(x, dims) if dims else x
         probs = np.concatenate(_logits_batches(
-            model, flipped, batch_size, lambda out, d=dims: torch.softmax(torch.flip(out, d) if d else out, dim=1).numpy()))
+            model, flipped, batch_size, lambda out, d=dims: torch.softmax(torch.flip(out, d) if d else out, dim=1).numpy(),
+            bf16))
         total = probs if total is None else total + probs
     return total / len(FLIPS)

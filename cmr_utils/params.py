@@ -43,6 +43,7 @@ SCHEMA: dict[str, Any] = {
         "seeds": ("list", int),
         "epochs": int,
         "epochs_budget": int,
+        "val_every": int,
         "batch_size_all": int,
         "batch_size_budget": int,
         "lr": NUMBER,
@@ -141,6 +142,12 @@ def validate(params: dict, source: str = "parameters") -> dict:
     for key, high in (("rotation_deg", 180), ("scale", 0.5), ("gamma", 0.9)):
         if not 0 <= aug[key] <= high:
             raise ParameterError(f"{source}: finetune.augment.{key}: expected a number in [0, {high}], got {aug[key]!r}")
+    ft = params["finetune"]
+    every = ft["val_every"]
+    if every < 1 or ft["epochs"] % every or ft["epochs_budget"] % every:
+        raise ParameterError(f"{source}: finetune.val_every: expected a positive number that divides finetune.epochs "
+                             f"({ft['epochs']}) and finetune.epochs_budget ({ft['epochs_budget']}), so that the last "
+                             f"epoch is validated; got {every!r}")
     for init in params["finetune"]["inits"]:
         if init not in INITS:
             raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected {INITS}")

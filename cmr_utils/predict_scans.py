@@ -125,13 +125,15 @@ class TrainedRun:
     preprocessing: Preprocessing
     batch_size: int = 16
     flips: bool = False  # test-time flips (the profile's evaluate.test_time_flips)
+    bf16: bool = False  # bf16 autocast (trained in bf16 and the device runs it natively: training.predicts_in_bf16)
 
     def probabilities(self, vol: CardiacVolume) -> np.ndarray:
         """Softmax probabilities (Z, C, h, w) on the volume's original grid."""
         from .inference import predict_probabilities
 
         model_image, geometry = self.preprocessing.to_model(vol.image)
-        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size, self.flips))
+        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size, self.flips,
+                                                        self.bf16))
 
     def segment(self, vol: CardiacVolume) -> np.ndarray:
         return self.probabilities(vol).argmax(axis=1).astype(np.uint8)
@@ -143,10 +145,12 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
 
     A run that does not exist there, was trained with another profile or data, did not train (status not
     ok) or has no model is an error that says which, and where to look. Predictions average over flips when
-    the profile's ``evaluate.test_time_flips`` says so, as stage 04 scores them."""
+    the profile's ``evaluate.test_time_flips`` says so, and in bf16 where the run trained in bf16 and ``device`` runs
+    it natively, as stage 04 scores them."""
     from .finetune import load_trained_model
     from .params import load_profile
     from .paths import workspace
+    from .training import predicts_in_bf16
 
     ws = workspace(profile, data)
     run_dir = ws.finetune_dir(run)
@@ -167,7 +171,8 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
     preprocessing = run_preprocessing(run_dir, ws.prepared)
     model = load_trained_model(run_dir).to(device).eval()
     flips = load_profile(profile)["evaluate"]["test_time_flips"]
-    return TrainedRun(run, run_dir, model, preprocessing, batch_size, flips)
+    return TrainedRun(run, run_dir, model, preprocessing, batch_size, flips,
+                      predicts_in_bf16(result.get("precision"), device))
 
 
 # ---------------------------------------------------------------------------------------------- writing

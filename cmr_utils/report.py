@@ -86,6 +86,7 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "weight_decay"): "weight decay", ("finetune", "lr"): "learning rate",
             ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
             ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs", ("finetune", "epochs_budget"): "epochs",
+            ("finetune", "val_every"): "model selection",
             ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
             ("finetune", "freeze_below"): "freezing", ("finetune", "budgets_below_freeze"): "freezing",
             ("finetune", "budgets"): "label budgets",
@@ -238,6 +239,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
     if ft["epochs_budget"] != ft["epochs"]:
         epochs += f" with all labels / {_number(ft['epochs_budget'])} with a label budget"
+    if ft["val_every"] > 1:
+        epochs += f" (validated, and the model selected, every {_number(ft['val_every'])} epochs)"
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "

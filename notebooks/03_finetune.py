@@ -68,7 +68,7 @@ try:
     result = train_segmentation(
         prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
         init=init, indices=indices, seed=seed, epochs=epochs, batch_size=batch_size, lr=cfg["lr"],
-        freeze_encoder=frozen, trainer=params["trainer"], name=run,
+        freeze_encoder=frozen, trainer=params["trainer"], name=run, val_every=cfg["val_every"],
         recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
         encoder_path=ws.encoder_path(init) if init in SSL_INITS else None,
     )

@@ -220,3 +220,37 @@ def test_health_checks_flag_flat_losses_and_lost_structures():
     assert sorted(zip(found["run"], found["problem"])) == [("flat", "LV not segmented"),
                                                           ("flat", "flat training loss")]
     assert health_checks(results.iloc[:1], per_volume.iloc[:3]).empty
+
+
+def test_bf16_prediction_is_the_autocast_softmax_and_follows_the_runs_precision(prepared, tmp_path, one_thread):
+    """bf16=True: the softmax (float32) of the model run under bf16 autocast, not the fp32 one; stage 04 and
+    ``make predict`` take it only for a run that trained in bf16, on a device that runs bf16 natively."""
+    import json
+
+    import torch
+
+    from cmr_utils.models import build_segmentation_model
+    from cmr_utils.training import cpu_has_fast_bf16, predicts_in_bf16
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 4, 3, padding=1).eval()
+    images = np.random.default_rng(2).random((3, 16, 16), dtype=np.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.softmax(model(torch.from_numpy(images)[:, None]).float(), dim=1).numpy()
+    bf16 = predict_probabilities(model, images, batch_size=2, bf16=True)
+    fp32 = predict_probabilities(model, images, batch_size=2)
+    assert bf16.dtype == np.float32 and np.allclose(bf16, expected, atol=1e-6)
+    assert not np.allclose(bf16, fp32, atol=1e-4) and np.allclose(bf16, fp32, atol=0.05)
+
+    assert not predicts_in_bf16("32-true") and not predicts_in_bf16(float("nan")) and not predicts_in_bf16(None)
+    assert predicts_in_bf16("bf16-mixed") == cpu_has_fast_bf16()
+    # a run recorded as bf16: evaluate_run predicts as predicts_in_bf16 says, and the scores follow
+    seg = build_segmentation_model("random").eval()
+    torch.save(seg.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "precision": "bf16-mixed"}))
+    scored = evaluate_run(tmp_path, prepared)
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "precision": "32-true"}))
+    in_fp32 = evaluate_run(tmp_path, prepared)
+    same = np.allclose(scored["per_volume"]["dice"], in_fp32["per_volume"]["dice"], atol=1e-9) and \
+        scored["iou_model_grid"] == in_fp32["iou_model_grid"]
+    assert same != cpu_has_fast_bf16()  # bf16 moves some pixel of an untrained model's argmax; fp32 twice is exact

@@ -125,6 +125,28 @@ def test_one_run_keeps_the_best_validation_checkpoint(tmp_path):
     assert np.array_equal(predict(plain.eval(), xv)[0], pred)
 
 
+def test_validating_every_other_epoch_selects_among_the_validated_epochs(tmp_path, capfd, monkeypatch):
+    """val_every=2: epochs 1 and 3 of 4 are validated (the last always), the others have no validation scores in the
+    history nor in the progress line, and the kept model is the best validated epoch's."""
+    monkeypatch.setenv("CMR_PROGRESS", "plain")
+    x, y = synthetic(16)
+    xv, yv = synthetic(4, seed=1)
+    result = train_segmentation(x, y, xv, yv, tmp_path, init="random", indices=np.arange(8), seed=0, epochs=4,
+                                batch_size=8, lr=1e-3, freeze_encoder=False, trainer=CPU, recipe=WORKING_RECIPE,
+                                val_every=2, name="every2")
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3] and history["train_loss"].notna().all()
+    assert history["val_dice"].isna().tolist() == [True, False, True, False]
+    assert result["best_epoch"] in (1, 3) and result["val_every"] == 2
+    assert result["best_val_dice"] == pytest.approx(history["val_dice"].max())
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("every2: epoch")]
+    assert ["val_dice" in line for line in lines] == [False, True, False, True], lines
+    with pytest.raises(ValueError, match=r"val_every: expected a positive integer dividing epochs \(3\), got 2"):
+        train_segmentation(x, y, xv, yv, tmp_path / "bad", init="random", indices=np.arange(8), seed=0, epochs=3,
+                           batch_size=8, lr=1e-3, freeze_encoder=False, trainer=CPU, val_every=2)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_frozen_encoder_does_not_change(tmp_path):
     x, y = synthetic(16)
     train_segmentation(x, y, x[:4], y[:4], tmp_path, init="random", indices=np.arange(8), seed=1, epochs=1,

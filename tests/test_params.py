@@ -53,10 +53,25 @@ def mutate(path, value):
     (("finetune", "budgets"), ["all", -5], "finetune.budgets"),
     (("pretrain", "methods"), ["byol"], "unknown method 'byol'"),
     (("data", "split"), {"train": 0.5, "val": 0.5, "test": 0.5, "seed": 0}, "sum to 1"),
+    (("finetune", "val_every"), 0, r"finetune.val_every: expected a positive number that divides"),
+    (("finetune", "epochs"), 3, None),  # tiny's val_every 1 divides anything: no error (checked below)
 ])
 def test_wrong_parameters_are_named(path, value, message):
+    if message is None:
+        P.validate(mutate(path, value), "params/x.yaml")
+        return
     with pytest.raises(P.ParameterError, match=message):
         P.validate(mutate(path, value), "params/x.yaml")
+
+
+def test_validation_interval_must_divide_both_epoch_counts():
+    """The last epoch of every run is validated: val_every divides finetune.epochs and finetune.epochs_budget."""
+    p = mutate(("finetune", "val_every"), 2)
+    p["finetune"]["epochs"], p["finetune"]["epochs_budget"] = 4, 6
+    assert P.validate(p, "params/x.yaml") is p
+    p["finetune"]["epochs_budget"] = 5
+    with pytest.raises(P.ParameterError, match=r"params/x.yaml: finetune.val_every: .*epochs_budget \(5\).*got 2"):
+        P.validate(p, "params/x.yaml")
 
 
 def test_missing_and_unknown_keys(tmp_path, monkeypatch):
