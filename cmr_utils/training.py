@@ -60,7 +60,7 @@ BF16_CPU_MIN_INPUT = 17
 
 
 def require_bf16_safe_input(size: int, precision: str, accelerator: str, what: str) -> None:
-    """Refuse inputs of ``size`` px or less than ``BF16_CPU_MIN_INPUT`` for ResNet18 training in bf16 on a CPU.
+    """Refuse a ResNet18 training input of ``size`` px under ``BF16_CPU_MIN_INPUT`` in bf16 on a CPU.
 
     With PyTorch 2.13's CPU backend (oneDNN), the bf16 weight gradient of a stride-2 3x3 convolution whose input
     is 1 x 1 is wrong: values up to 1e37 where fp32 gives about 1, on most batches (measured on an AVX-512 bf16
