@@ -204,7 +204,7 @@ def score_source(segment: Callable[[CardiacVolume], np.ndarray], source: Source)
 
 
 def external_validation(results: pd.DataFrame, sources: dict[str, Source], profile: str,
-                        data: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        data: str | None, device: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every run of ``results`` (its validation-selected model, with the preprocessing it was trained with:
     ``cmr_utils.predict_scans.open_run``) scored on every external ``source`` on each volume's own grid
     (``score_source``): ``(per_volume, ef)`` with the run keys and ``dataset``, ``layout`` columns."""
@@ -212,7 +212,7 @@ def external_validation(results: pd.DataFrame, sources: dict[str, Source], profi
 
     per_volume, ef = [], []
     for run in results.itertuples():
-        trained = open_run(run.name, profile, data)
+        trained = open_run(run.name, profile, data, device=device)
         keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
         for name, source in sources.items():
             scored = score_source(trained.segment, source)

@@ -42,6 +42,15 @@ def resolve_precision(precision: str, accelerator: str = "auto", fork_safe: bool
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def inference_device(accelerator: str = "auto") -> str:
+    """Where stages 04 and 05 and ``make predict`` run the trained models: ``"cuda"`` where the profile's
+    ``trainer.accelerator`` allows a GPU (auto, gpu, cuda) and one is there, else ``"cpu"``. Seg-Grad-CAM's numbers at
+    224 px (hundreds of slices x 20 deletion steps per run) take hours on a CPU and seconds on a GPU."""
+    if accelerator not in ("auto", "gpu", "cuda", "cpu"):
+        raise ValueError(f"trainer.accelerator: expected auto, gpu, cuda or cpu, got {accelerator!r}")
+    return "cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def predicts_in_bf16(trained_precision, device="cpu") -> bool:
     """Whether a model that trained in ``trained_precision`` (its run's recorded ``precision``) predicts under bf16
     autocast on ``device``: it trained in bf16 mixed precision and the device computes bf16 natively (emulated bf16

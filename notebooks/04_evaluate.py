@@ -39,6 +39,7 @@ import pandas as pd
 from IPython.display import display
 
 from cmr_utils import evaluate, paths, plots, stats
+from cmr_utils.training import inference_device
 from cmr_utils.params import load_profile
 from cmr_utils.plan import external_sources, plan_runs
 from cmr_utils.prepare import Prepared
@@ -52,13 +53,14 @@ for init, reason in unavailable.groupby("init")["reason"].first().items():
     print(f"UNAVAILABLE initialisation {init!r}: {reason}")
 results = results[results["status"] == "ok"].copy()
 results["n_labelled"] = results["n_labelled"].astype(int)
+device = inference_device(params["trainer"]["accelerator"])  # the GPU where there is one (and the profile allows it)
 
 # %%
 images, truth, slices = prepared.images("test"), prepared.labels("test"), prepared.slices("test")
 source = evaluate.labelled_source(prepared)  # the original test volumes and labels, read one at a time
 per_slice, per_volume, ef, iou_model_grid = [], [], [], {}
 for run in results.itertuples():
-    scored = evaluate.evaluate_run(ws.finetune_dir(run.name), prepared, source,
+    scored = evaluate.evaluate_run(ws.finetune_dir(run.name), prepared, source, device=device,
                                    flips=params["evaluate"]["test_time_flips"])
     keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
     iou_model_grid[run.name] = scored["iou_model_grid"]
@@ -86,7 +88,7 @@ unavailable.reindex(columns=["name", "init", "budget", "seed", "reason"]).to_csv
 # %%
 external_sets = external_sources(external)  # {dataset name: source}, any layout
 if external_sets:
-    ext_per_volume, ext_ef = evaluate.external_validation(results, external_sets, profile, data)
+    ext_per_volume, ext_ef = evaluate.external_validation(results, external_sets, profile, data, device)
     ext_per_volume.to_csv(ws.evaluation / "external_per_volume.csv", index=False)
     ext_ef.to_csv(ws.evaluation / "external_ef.csv", index=False)
     cross, drop = evaluate.external_tables(per_volume[per_volume["budget"] == "all"],

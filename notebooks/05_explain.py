@@ -37,6 +37,7 @@ from IPython.display import Markdown, display
 
 from cmr_utils import explain, paths, plots, report, viewer
 from cmr_utils.finetune import load_trained_model
+from cmr_utils.training import inference_device
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
 
@@ -50,7 +51,8 @@ runs = runs[runs["budget"] == "all"].sort_values(["init", "seed"])
 per_slice = pd.read_csv(ws.evaluation / "per_slice.csv")
 region = cfg["target"].replace("predicted", "prediction")
 first = runs.groupby("init").first()  # the figures show each initialisation's first seed
-models = {init: load_trained_model(ws.finetune_dir(run["name"])) for init, run in first.iterrows()}
+device = inference_device(params["trainer"]["accelerator"])  # the GPU where there is one (and the profile allows it)
+models = {init: load_trained_model(ws.finetune_dir(run["name"])).to(device) for init, run in first.iterrows()}
 print("explained:", ", ".join(f"{i} ({r['name']})" for i, r in first.iterrows()))
 
 # %% [markdown]
@@ -128,7 +130,7 @@ import numpy as np
 picks = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_slices"], len(images))).round().astype(int))
 tables = []
 for run in runs.itertuples():
-    model = load_trained_model(ws.finetune_dir(run.name))
+    model = load_trained_model(ws.finetune_dir(run.name)).to(device)
     for layer in cfg["layers"]:
         numbers = explain.explanation_numbers(model, images[picks], truth[picks], layer=layer, region=region,
                                               steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0])

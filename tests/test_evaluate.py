@@ -254,3 +254,19 @@ def test_bf16_prediction_is_the_autocast_softmax_and_follows_the_runs_precision(
     same = np.allclose(scored["per_volume"]["dice"], in_fp32["per_volume"]["dice"], atol=1e-9) and \
         scored["iou_model_grid"] == in_fp32["iou_model_grid"]
     assert same != cpu_has_fast_bf16()  # bf16 moves some pixel of an untrained model's argmax; fp32 twice is exact
+
+
+def test_stages_04_05_and_predict_run_the_models_on_the_gpu_where_the_profile_allows_one(monkeypatch):
+    """``inference_device``: the GPU when the profile's accelerator allows one and one is there, else the CPU;
+    ``cpu`` keeps the models on the CPU even beside a GPU; a misspelt accelerator is an error, not the CPU."""
+    import torch
+
+    from cmr_utils.training import inference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [inference_device(a) for a in ("auto", "gpu", "cuda", "cpu")] == ["cpu"] * 4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [inference_device(a) for a in ("auto", "gpu", "cuda", "cpu")] == ["cuda", "cuda", "cuda", "cpu"]
+    assert inference_device() == "cuda"
+    with pytest.raises(ValueError, match="trainer.accelerator.*'tpu'"):
+        inference_device("tpu")
