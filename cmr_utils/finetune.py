@@ -289,7 +289,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
         callbacks.append(OneThreadWhenForked())
     fit = pl.Trainer(max_epochs=epochs, callbacks=callbacks,
                      logger=CSVLogger(run_dir, name="", version="log"), enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, deterministic="warn",
+                     enable_model_summary=False, num_sanity_val_steps=0,
                      log_every_n_steps=50, use_distributed_sampler=False, check_val_every_n_epoch=val_every,
                      **options)
     for loader in (train, val):  # before any process starts: a batch size the processes cannot share is an error

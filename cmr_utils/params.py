@@ -58,7 +58,7 @@ SCHEMA: dict[str, Any] = {
     },
     "evaluate": {"test_time_flips": bool},
     "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
-                "num_workers": int, "channels_last": bool, "compile": bool},
+                "num_workers": int, "channels_last": bool, "compile": bool, "deterministic": bool},
     "explain": {
         "layers": ("list", str),
         "target": str,

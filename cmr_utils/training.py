@@ -109,6 +109,10 @@ def trainer_options(trainer: dict) -> dict:
       the profile's ``num_nodes`` and ``devices``.
     - ``sync_batchnorm`` on GPUs with several processes: BatchNorm statistics over the global batch, as on the
       single device of the study (torch's SyncBatchNorm runs on GPUs only; CPU processes keep their own).
+    - ``deterministic`` (default true): deterministic algorithms where PyTorch has them, a warning for an operation
+      that has none (``"warn"``); false lets cuDNN pick its fastest kernels. On a CPU it costs nothing measurable
+      (FPN-ResNet18 at 128 px: 41 against 44 img/s, within noise); on an H200 at 224 px (batch 128, bf16,
+      channels-last) it cut fine-tuning from 2142 to 694 img/s.
     """
     from .distributed import external_geometry, launched_externally
 
@@ -146,6 +150,10 @@ def trainer_options(trainer: dict) -> dict:
                                              fork_safe=options.get("strategy") in FORK_STRATEGIES)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     options["sync_batchnorm"] = bool(on_gpu and (launcher is not None or processes > 1))
+    deterministic = trainer.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"trainer.deterministic: expected true or false, got {deterministic!r}")
+    options["deterministic"] = "warn" if deterministic else False
     return options
 
 
