@@ -37,7 +37,7 @@ from IPython.display import Markdown, display
 
 from cmr_utils import explain, paths, plots, report, viewer
 from cmr_utils.finetune import load_trained_model
-from cmr_utils.training import inference_device
+from cmr_utils.training import inference_device, predicts_in_bf16
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
 
@@ -122,7 +122,8 @@ plots.show_figure(plots.save_figure(fig, ws.figure("explain_viewer_montage.png")
 # %% [markdown]
 # ## Numbers for explanations
 # On up to `max_slices` test slices (evenly spaced), for every seed's model with all labels and every layer in the
-# parameters: means over slices, then mean and spread (SD) over seeds.
+# parameters: means over slices, then mean and spread (SD) over seeds. The models predict (the explained region, the
+# deletion and insertion curves) as stage 04 scored them: in bf16 where they trained in bf16 and the hardware runs it.
 
 # %%
 import numpy as np
@@ -131,11 +132,13 @@ picks = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_slices"], len(ima
 tables = []
 for run in runs.itertuples():
     model = load_trained_model(ws.finetune_dir(run.name)).to(device)
+    bf16 = predicts_in_bf16(run.precision, device)  # as stage 04 predicts: bf16 where the run trained in it
     for layer in cfg["layers"]:
         numbers = explain.explanation_numbers(model, images[picks], truth[picks], layer=layer, region=region,
-                                              steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0])
+                                              steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0],
+                                              bf16=bf16)
         # the pixels each CAM explains: a table with no numbers can then say why (cmr_utils.report)
-        explained = truth[picks] if region == "ground_truth" else explain.predict(model, images[picks])[0]
+        explained = truth[picks] if region == "ground_truth" else explain.predict(model, images[picks], bf16=bf16)[0]
         numbers = numbers.merge(report.explained_regions(explained, truth[picks]), on=["slice", "structure"])
         tables.append(numbers.assign(init=run.init, seed=run.seed, layer=layer, slice=picks[numbers["slice"]]))
 numbers = pd.concat(tables, ignore_index=True)

@@ -270,3 +270,28 @@ def test_stages_04_05_and_predict_run_the_models_on_the_gpu_where_the_profile_al
     assert inference_device() == "cuda"
     with pytest.raises(ValueError, match="trainer.accelerator.*'tpu'"):
         inference_device("tpu")
+
+
+def test_deletion_insertion_scores_the_model_in_bf16_when_asked():
+    """Stage 05 predicts as stage 04 scores: ``bf16=True`` runs the deletion / insertion curves under bf16 autocast
+    (the unperturbed score is the bf16 logits' sum over the region), ``bf16=False`` in fp32."""
+    import torch
+
+    from cmr_utils.explain import deletion_insertion
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 4, 3, padding=1).eval()
+    image = np.random.default_rng(3).random((16, 16), dtype=np.float32)
+    region = np.zeros((16, 16), bool)
+    region[4:12, 4:12] = True
+    cam = np.random.default_rng(4).random((16, 16))
+    x = torch.from_numpy(image)[None, None]
+    with torch.no_grad():
+        fp32 = float(model(x)[0, 2][torch.from_numpy(region)].double().sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = float(model(x).float()[0, 2][torch.from_numpy(region)].double().sum())
+    assert abs(bf16 - fp32) > 1e-4  # the two precisions are told apart
+    for flag, expected in ((False, fp32), (True, bf16)):
+        curves = deletion_insertion(model, image, 2, cam, region, steps=4, bf16=flag)
+        assert curves["score_unperturbed"] == pytest.approx(expected, abs=1e-4)
+        assert np.isfinite(curves["deletion_auc"]) and np.isfinite(curves["insertion_auc"])

@@ -40,6 +40,7 @@ def deletion_insertion(
     baseline: str = "blur",
     blur_sigma: float = 5.0,
     seed: int = 0,
+    bf16: bool = False,
 ) -> dict:
     """Deletion and insertion curves of one slice's CAM (Petsiuk et al. 2018, for segmentation).
 
@@ -55,6 +56,7 @@ def deletion_insertion(
     faster than random (lower AUC) and the insertion score rise faster (higher AUC).
 
     Baselines: ``"blur"`` a Gaussian blur of the image (``blur_sigma`` px), ``"mean"`` its mean value.
+    ``bf16``: the model runs under bf16 autocast (``cmr_utils.inference.predict``).
 
     Normalisation: curves are divided by ``|score_unperturbed|`` so a positive score starts at 1 (at
     -1 for a negative one; dividing by a positive number keeps the order of the curves, so AUC
@@ -106,7 +108,7 @@ def deletion_insertion(
         perturbed(random_order, image, base),  # random deletion
         perturbed(random_order, base, image),  # random insertion
     ]
-    _, logits = predict(model, np.concatenate(stacks), return_logits=True)
+    _, logits = predict(model, np.concatenate(stacks), return_logits=True, bf16=bf16)
     if category >= logits.shape[1]:
         raise ValueError(f"category must be < the model's {logits.shape[1]} classes, got {category}")
     scores = (torch.from_numpy(logits[:, category]) * region).sum(dim=(1, 2)).double().numpy()

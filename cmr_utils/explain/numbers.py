@@ -14,7 +14,7 @@ from .measures import energy_in_ring, energy_inside, pointing_hit
 
 def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.ndarray, layer: str = DEFAULT_LAYER,
                         region: str = "prediction", steps: int = 10, ring_width: int = 3, seed: int = 0,
-                        faithfulness: bool = True) -> pd.DataFrame:
+                        faithfulness: bool = True, bf16: bool = False) -> pd.DataFrame:
     """One row per (slice, structure) with the explanation numbers of ``model`` on ``images``.
 
     Columns: ``slice`` (position in ``images``), ``structure``, ``energy_inside`` and ``energy_ring`` (share of
@@ -23,12 +23,16 @@ def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.n
     randomised weights), and with ``faithfulness`` the deletion / insertion AUCs (most relevant first, and
     the random-order reference). Slices where the structure is absent from the ground truth get NaN
     localisation numbers; where the CAM's region is empty, the CAM is zero and its numbers NaN.
+
+    ``bf16``: the model's predictions (the predicted region and the deletion / insertion curves, most of the cost)
+    under bf16 autocast, as stage 04 scores a run that trained in bf16 (``training.predicts_in_bf16``); the CAMs
+    themselves are computed in fp32.
     """
     if region not in ("prediction", "ground_truth"):
         raise ValueError(f"explain.target: expected 'prediction' or 'ground_truth', got {region!r}")
     images = np.asarray(images, dtype=np.float32)
     ground_truth = np.asarray(ground_truth)
-    predicted, _ = predict(model, images)
+    predicted, _ = predict(model, images, bf16=bf16)
     rows = []
     for category, name in STRUCTURES.items():
         truth = ground_truth == category
@@ -42,7 +46,8 @@ def explanation_numbers(model: nn.Module, images: np.ndarray, ground_truth: np.n
                    "pointing_hit": hits[k], "sanity_rho": rho[k]}
             if faithfulness:
                 curves = ({} if not target[k].any() or not cams[k].any() else
-                          deletion_insertion(model, images[k], category, cams[k], target[k], steps=steps, seed=seed))
+                          deletion_insertion(model, images[k], category, cams[k], target[k], steps=steps, seed=seed,
+                                             bf16=bf16))
                 for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
                     row[key] = curves.get(key, np.nan)
             rows.append(row)
