@@ -1,13 +1,15 @@
 """Benchmark: fine-tuning throughput of the FPN-ResNet18, a plain PyTorch step against the Lightning loop.
 
     python benchmarks/bench_finetune.py [--sizes 96 128] [--batch 16] [--precision auto] [--no-channels-last]
-                                        [--peak-tflops T]
+                                        [--peak-tflops T] [--deterministic]
 
 For each size it prints images per second (median over timed steps after warm-up) of
 - the plain step: augmentation, forward, loss, backward and optimiser step in a bare loop, full and frozen encoder;
 - the compendium's Lightning loop (``cmr_utils.finetune``: in-memory batches, the same recipe), full encoder;
 and one line ``training loop vs plain step: NN %``. ``--precision auto`` takes what ``trainer.precision: auto``
 takes (bf16 where the device runs it natively, fp32 elsewhere); ``32-true`` and ``bf16-mixed`` force one.
+``--deterministic``: PyTorch's deterministic algorithms for both (``trainer.deterministic: true``; on an H200 about a
+third of the throughput without them).
 
 On a GPU the default sizes are the study's 224 px (batch 128, the study's), and each line adds the model's
 training FLOPs per second (counted by ``torch.utils.flop_counter`` for one forward and backward pass) as a share
@@ -158,14 +160,17 @@ def main():
     parser.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"])
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (warn where none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     torch.manual_seed(0)
     precision = resolve_precision(args.precision, "cuda" if args.device == "cuda" else "cpu")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     peak = args.peak_tflops or (bf16_peak_tflops(name) if args.device == "cuda" else None)
     print(f"fine-tuning throughput, FPN-ResNet18, batch {args.batch}, device {args.device} ({name}), precision "
           f"{precision}{', channels_last' if args.channels_last else ''}, {args.threads} threads"
+          f"{', deterministic algorithms' if args.deterministic else ''}"
           f"{f', bf16 peak {peak:.0f} TFLOP/s' if peak else ''}")
     print(f"{'size':>6} {'what':>26} {'img/s':>8} {'TFLOP/s':>8} {'of peak':>8}")
     ratios = []

@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--data", default="", help="the DATA= the run was trained on (empty: the phantom)")
     parser.add_argument("--label-map", default=None, help="nifti-pairs label values -> ACDC's, e.g. 1:3,2:2,3:1")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: the GPU where there is one")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: the GPU where there is one and the profile allows it")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     for name in ("run", "input", "output"):
@@ -325,11 +325,14 @@ def main(argv=None) -> int:
                   "INPUT=<folder> OUTPUT=<folder>", file=sys.stderr)
             return 2
     try:
+        from .params import load_profile
         from .training import inference_device
 
+        device = args.device
+        if device == "auto":  # the GPU where there is one and the profile's trainer.accelerator allows it
+            device = inference_device(load_profile(args.profile)["trainer"]["accelerator"])
         predict_run(args.run, args.input, args.output, profile=args.profile, data=args.data,
-                    label_map=args.label_map, batch_size=args.batch_size,
-                    device=inference_device() if args.device == "auto" else args.device)
+                    label_map=args.label_map, batch_size=args.batch_size, device=device)
     except (ValueError, FileNotFoundError) as err:  # DataError included
         print(f"error: {err}", file=sys.stderr)
         return 2

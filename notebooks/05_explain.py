@@ -132,7 +132,7 @@ picks = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_slices"], len(ima
 tables = []
 for run in runs.itertuples():
     model = load_trained_model(ws.finetune_dir(run.name)).to(device)
-    bf16 = predicts_in_bf16(run.precision, device)  # as stage 04 predicts: bf16 where the run trained in it
+    bf16 = predicts_in_bf16(getattr(run, "precision", None), device)  # as stage 04: bf16 where it trained in bf16
     for layer in cfg["layers"]:
         numbers = explain.explanation_numbers(model, images[picks], truth[picks], layer=layer, region=region,
                                               steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0],

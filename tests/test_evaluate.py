@@ -256,20 +256,24 @@ def test_bf16_prediction_is_the_autocast_softmax_and_follows_the_runs_precision(
     assert same != cpu_has_fast_bf16()  # bf16 moves some pixel of an untrained model's argmax; fp32 twice is exact
 
 
-def test_stages_04_05_and_predict_run_the_models_on_the_gpu_where_the_profile_allows_one(monkeypatch):
-    """``inference_device``: the GPU when the profile's accelerator allows one and one is there, else the CPU;
-    ``cpu`` keeps the models on the CPU even beside a GPU; a misspelt accelerator is an error, not the CPU."""
+def test_models_run_on_the_gpu_only_where_the_profile_allows_one(monkeypatch, tmp_path):
+    """``inference_device`` (stages 04 and 05): the GPU when the profile's accelerator allows one and one is there,
+    else the CPU. ``make predict --device auto`` asks the run's profile: a CPU profile stays on the CPU beside a GPU."""
     import torch
 
+    from cmr_utils import predict_scans
     from cmr_utils.training import inference_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert [inference_device(a) for a in ("auto", "gpu", "cuda", "cpu")] == ["cpu"] * 4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [inference_device(a) for a in ("auto", "gpu", "cuda", "cpu")] == ["cuda", "cuda", "cuda", "cpu"]
-    assert inference_device() == "cuda"
-    with pytest.raises(ValueError, match="trainer.accelerator.*'tpu'"):
-        inference_device("tpu")
+    assert [inference_device(a) for a in ("auto", "gpu", "cuda", "cpu", "mps")] == ["cuda"] * 3 + ["cpu"] * 2
+    asked = {}
+    monkeypatch.setattr(predict_scans, "predict_run", lambda *args, device, **kwargs: asked.update(device=device))
+    for profile, expected in (("default", "cpu"), ("paper", "cuda")):  # accelerator: cpu / auto
+        argv = ["--run", "random-all-s0", "--profile", profile, "--input", str(tmp_path), "--output", str(tmp_path)]
+        assert predict_scans.main(argv) == 0 and asked["device"] == expected
+        assert predict_scans.main([*argv, "--device", "cpu"]) == 0 and asked["device"] == "cpu"
 
 
 def test_deletion_insertion_scores_the_model_in_bf16_when_asked():
