@@ -316,7 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--data", default="", help="the DATA= the run was trained on (empty: the phantom)")
     parser.add_argument("--label-map", default=None, help="nifti-pairs label values -> ACDC's, e.g. 1:3,2:2,3:1")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: the GPU where there is one and the profile allows it")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, or auto: the GPU where there is one and the run's profile allows it")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     for name in ("run", "input", "output"):

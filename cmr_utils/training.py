@@ -44,8 +44,8 @@ def resolve_precision(precision: str, accelerator: str = "auto", fork_safe: bool
 
 def inference_device(accelerator: str = "auto") -> str:
     """Where stages 04 and 05 and ``make predict`` run the trained models: ``"cuda"`` where the profile's
-    ``trainer.accelerator`` allows a CUDA GPU (auto, gpu, cuda) and one is there, else ``"cpu"``. Seg-Grad-CAM's numbers at
-    224 px (hundreds of slices x 20 deletion steps per run) take hours on a CPU and seconds on a GPU."""
+    ``trainer.accelerator`` allows a CUDA GPU (auto, gpu, cuda) and one is there, else ``"cpu"``. Seg-Grad-CAM's
+    numbers at 224 px (hundreds of slices x 20 deletion steps per run) take hours on a CPU and seconds on a GPU."""
     return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
 

@@ -39,10 +39,10 @@ import pandas as pd
 from IPython.display import display
 
 from cmr_utils import evaluate, paths, plots, stats
-from cmr_utils.training import inference_device
 from cmr_utils.params import load_profile
 from cmr_utils.plan import external_sources, plan_runs
 from cmr_utils.prepare import Prepared
+from cmr_utils.training import inference_device
 
 params = load_profile(profile)
 ws = paths.workspace(profile, data)

@@ -37,9 +37,9 @@ from IPython.display import Markdown, display
 
 from cmr_utils import explain, paths, plots, report, viewer
 from cmr_utils.finetune import load_trained_model
-from cmr_utils.training import inference_device, predicts_in_bf16
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
+from cmr_utils.training import inference_device, predicts_in_bf16
 
 params = load_profile(profile)
 cfg = params["explain"]
