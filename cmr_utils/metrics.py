@@ -221,6 +221,15 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=footprint, iterations=1)
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The slices of the smallest box that holds every True voxel of a non-empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def hd95(pred_mask, target_mask, spacing=None) -> float:
     """95th percentile of the symmetric surface distances between two boolean masks (2D or 3D),
     both directions pooled (as medpy's ``hd95``); in mm with ``spacing`` (one value per axis, z first),
@@ -236,6 +245,11 @@ def hd95(pred_mask, target_mask, spacing=None) -> float:
     spacing = _check_spacing(spacing, pred_mask.ndim)
     if not pred_mask.any() or not target_mask.any():
         return math.nan
+    # within the masks' common bounding box: outside it both are background, as outside the volume is to the
+    # erosion, and every surface voxel lies inside it, so the answer is exactly the whole volume's at a fraction of
+    # the cost (a heart structure fills a few per cent of a short-axis volume)
+    box = _bounding_box(pred_mask | target_mask)
+    pred_mask, target_mask = pred_mask[box], target_mask[box]
     pred_surface, target_surface = _surface(pred_mask), _surface(target_mask)
     # distance of every voxel to the nearest surface voxel of the other mask
     to_target = ndimage.distance_transform_edt(~target_surface, sampling=spacing)

@@ -238,6 +238,23 @@ def test_hd95_shifted_cube_matches_brute_force():
     assert metrics.hd95(pred, target) == pytest.approx(_brute_force_hd95(pred, target, (1, 1, 1)))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_small_masks_in_a_large_volume_and_at_its_edges(seed):
+    """hd95 works on the masks' bounding box: irregular masks far inside a volume and masks touching its faces
+    (where the outside counts as background) give the all-pairs answer."""
+    rng = np.random.default_rng(seed)
+    volume = (6, 40, 48)
+    pred, target = np.zeros(volume, dtype=bool), np.zeros(volume, dtype=bool)
+    pred[1:4, 10:16, 20:27] = rng.random((3, 6, 7)) < 0.7  # inside, ragged
+    target[2:5, 12:19, 22:30] = rng.random((3, 7, 8)) < 0.7
+    edge_pred, edge_target = pred.copy(), target.copy()
+    edge_pred[0, 0:3, 40:48] = True  # touches the first slice, the top row and the last column
+    edge_target[5, 37:40, 0:4] = True  # the last slice, the bottom row, the first column
+    spacing = (8.0, 1.25, 1.25)
+    for p, t in ((pred, target), (edge_pred, edge_target), (edge_pred, target)):
+        assert metrics.hd95(p, t, spacing) == pytest.approx(_brute_force_hd95(p, t, spacing))
+
+
 def test_structure_scores_bad_inputs():
     volume = np.zeros((2, 4, 4), dtype=np.uint8)
     with pytest.raises(ValueError, match="3 values"):
