@@ -36,7 +36,7 @@ from cmr_utils.finetune import (  # noqa: E402
     slice_loader,
 )
 from cmr_utils.models import build_segmentation_model, set_encoder_frozen  # noqa: E402
-from cmr_utils.training import quiet_lightning, resolve_precision  # noqa: E402
+from cmr_utils.training import fused_optimizer, quiet_lightning, resolve_precision  # noqa: E402
 
 RECIPE = {"loss": "dice_ce", "optimizer": "adamw", "weight_decay": 1e-4, "schedule": "warmup_cosine",
           "warmup_epochs": 1, "augment": {"flips": True, "rotation_deg": 15, "scale": 0.1, "gamma": 0.3}}
@@ -77,7 +77,8 @@ def plain_step_throughput(size, batch, device, precision, channels_last, frozen,
     set_encoder_frozen(model, frozen)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, **fused_optimizer(params))  # as SegmentationModule
     loss_fn = segmentation_loss(RECIPE["loss"])
     x = torch.rand(batch, 1, size, size, device=device)
     y = torch.randint(0, 4, (batch, size, size), device=device)

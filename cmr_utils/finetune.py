@@ -27,7 +27,7 @@ from .augment import augment_batch
 from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
 from .files import atomic_write
 from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
-from .training import FORK_STRATEGIES, EpochLine, quiet_lightning, trainer_options
+from .training import FORK_STRATEGIES, EpochLine, fused_optimizer, quiet_lightning, trainer_options
 
 STRUCTURES = ("RV", "MYO", "LV")
 
@@ -233,9 +233,9 @@ class SegmentationModule(_lightning().LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         kind, decay = self.recipe["optimizer"], self.recipe["weight_decay"]
         if kind == "adam":
-            optimiser = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=decay)
+            optimiser = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
         elif kind == "adamw":
-            optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=decay)
+            optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
         else:
             raise ValueError(f"finetune.optimizer: expected 'adam' or 'adamw', got {kind!r}")
         total = max(1, int(self.trainer.estimated_stepping_batches))

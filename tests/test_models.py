@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from cmr_utils.encoders import build_backbone
-from cmr_utils.models import WeightsUnavailable, build_segmentation_model, fold_to_one_channel, load_encoder_strict
+from cmr_utils.models import (
+    SumMerge,
+    WeightsUnavailable,
+    build_segmentation_model,
+    fold_to_one_channel,
+    load_encoder_strict,
+)
 
 
 def torchvision_resnet18_state(seed=0):
@@ -83,3 +89,32 @@ def test_unknown_init_and_missing_encoder_path():
         build_segmentation_model("moco")
     with pytest.raises(ValueError, match="needs encoder_path"):
         build_segmentation_model("swav")
+
+
+def test_sum_merge_gives_smp_fpn_output():
+    """The factory's FPN adds the pyramid maps one by one (SumMerge) instead of smp's stack-and-sum: the same model,
+    the same weights and outputs as smp's own FPN, in train mode (the same dropout; with gradients) and in
+    eval mode."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    ours = build_segmentation_model("random")
+    assert isinstance(ours.decoder.merge, SumMerge)
+    reference = smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=4)
+    assert type(reference.decoder.merge).__name__ == "MergeBlock" and reference.decoder.merge.policy == "add"
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.rand(2, 1, 64, 64)
+    for mode in ("train", "eval"):
+        getattr(ours, mode)(), getattr(reference, mode)()
+        outputs = []
+        for model in (ours, reference):
+            torch.manual_seed(1)  # the same dropout masks
+            outputs.append(model(x))
+        a, b = outputs
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (mode, (a - b).abs().max())
+    ours.train(), reference.train()
+    for model in (ours, reference):
+        torch.manual_seed(2)
+        model(x).square().mean().backward()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name

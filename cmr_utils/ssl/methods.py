@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from ..distributed import gather_rows, rank_and_world, sum_over_processes
 from ..encoders import FEATURE_DIM, build_backbone
+from ..training import fused_optimizer
 from .checks import require_float, require_int
 from .collapse import embedding_std
 from .views import make_simsiam_transform, make_swav_transform
@@ -169,7 +170,9 @@ class SimSiamModule(_SSLModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        params = list(self.parameters())
+        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                    **fused_optimizer(params))
         return _cosine_or_constant(optimizer, hp.max_epochs)
 
 
@@ -283,7 +286,8 @@ class SwAVModule(_SSLModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        params = list(self.parameters())
+        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused_optimizer(params))
         return _cosine_or_constant(optimizer, hp.max_epochs)
 
 
