@@ -163,7 +163,7 @@ def fused_optimizer(params) -> dict:
     """``{"fused": True}`` for a torch Adam, AdamW or SGD over ``params`` when every one of them is a floating-point
     tensor on a device with a fused step, else ``{}`` (the default multi-tensor step). Same update up to rounding,
     a third of its time on the CPU: AdamW over the FPN-ResNet18's 11 M weights took 9.9 instead of 32.8 ms per step
-    (one thread), about 5 % of a 128 px fine-tuning step at batch 8 and 10 % at batch 4."""
+    (one thread), about 5 % of a 128 px fine-tuning step at batch 8."""
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     return {"fused": True} if fused else {}
