@@ -54,7 +54,8 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": NUMBER,
         "schedule": str,
         "warmup_epochs": NUMBER,
-        "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER},
+        "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER, "crop": int,
+                    "crop_share": NUMBER},
     },
     "evaluate": {"test_time_flips": bool},
     "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
@@ -142,6 +143,13 @@ def validate(params: dict, source: str = "parameters") -> dict:
     for key, high in (("rotation_deg", 180), ("scale", 0.5), ("gamma", 0.9)):
         if not 0 <= aug[key] <= high:
             raise ParameterError(f"{source}: finetune.augment.{key}: expected a number in [0, {high}], got {aug[key]!r}")
+    size, crop, share = params["data"]["image_size"], aug["crop"], aug["crop_share"]
+    if crop and (crop < 32 or crop % 32 or crop >= size):
+        raise ParameterError(f"{source}: finetune.augment.crop: expected 0 (no crops) or a multiple of 32 (FPN strides) "
+                             f"below data.image_size ({size}), got {crop!r}")
+    if not 0 <= share <= 1 or bool(crop) != (share > 0):
+        raise ParameterError(f"{source}: finetune.augment.crop_share: expected the share of epochs in (0, 1] trained on "
+                             f"crops when finetune.augment.crop is set, 0 when it is 0; got {share!r} with crop {crop!r}")
     ft = params["finetune"]
     every = ft["val_every"]
     if every < 1 or ft["epochs"] % every or ft["epochs_budget"] % every:

@@ -130,6 +130,10 @@ def _augment(augment: dict) -> str:
     if augment.get("gamma", 0) > 0:
         g = augment["gamma"]
         parts.append(f"gamma {1 - g:.2g}–{1 / (1 - g):.3g}")
+    if augment.get("crop", 0) > 0:
+        parts.append(f"random {augment['crop']} px crops at the slices' pixel size for the first "
+                     f"{_number(100 * augment['crop_share'])} % of the epochs of runs that train the encoder "
+                     "(whole slices after them, and for frozen encoders)")
     if parts == ["flips"]:
         return "flips only"
     return ", ".join(parts) or "none"
