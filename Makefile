@@ -105,15 +105,20 @@ upto = $(if $(2),$(firstword $(2)) $(if $(filter $(1),$(firstword $(2))),,$(call
 define papermill
 @mkdir -p $(@D)
 @echo "[$(PROFILE)/$(TAG)] $(notdir $@): started$(if $(3), · $(3))"
-@$(PY) -m jupytext --quiet --to ipynb -o $@.src.ipynb notebooks/$(1).py
-@CMR_PROGRESS=plain OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $@.src.ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
+@CMR_PROGRESS=plain OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $(NB)/$(1).ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
 	-p profile $(PROFILE) -p data "$(DATA)" $(2) \
-	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; rm -f $@.src.ipynb; \
+	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; \
 	     echo "[$(PROFILE)/$(TAG)] $(notdir $@): FAILED after $$SECONDS s; read $(@:.ipynb=.failed.ipynb)" >&2; exit 1; }; \
 	echo "[$(PROFILE)/$(TAG)] $(notdir $@): done in $$((SECONDS / 60)) min $$((SECONDS % 60)) s$(if $(3), · $(3))"
-@rm -f $@.src.ipynb $(@:.ipynb=.failed.ipynb)
+@rm -f $(@:.ipynb=.failed.ipynb)
 @mv $@.tmp.ipynb $@
 endef
+
+# each notebook converted from its .py once, not once per run: 24 conversions of 03 cost about 2 CPU-seconds each
+NB := .make/notebooks
+$(NB)/%.ipynb: notebooks/%.py $(STAMP)
+	@mkdir -p $(@D)
+	@$(PY) -m jupytext --quiet --to ipynb -o $@.tmp.ipynb $< && mv $@.tmp.ipynb $@
 
 prepare: $(PREP) ## stage 01: patient-level splits and slice sets
 pretrain: $(PRETRAIN) ## stage 02: SimSiam and SwAV pretraining
@@ -125,10 +130,10 @@ report: $(REPORTS_DIR)/report.html ## every stage, then reports/<data>/<profile>
 	@ln -sfn $(TAG)/$(PROFILE)/report.html $(OUTPUT_ROOT)/reports/report.html
 	@echo "report: $(REPORTS_DIR)/report.html (also linked as $(OUTPUT_ROOT)/reports/report.html)"
 
-$(PREP): notebooks/01_prepare_data.py $(LIB)
+$(PREP): $(NB)/01_prepare_data.ipynb $(LIB)
 	$(call papermill,01_prepare_data)
 
-$(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: notebooks/02_pretrain.py $(PREP) $(LIB)
+$(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: $(NB)/02_pretrain.ipynb $(PREP) $(LIB)
 	$(call papermill,02_pretrain,-p method $*,pretraining $(call position,$*,$(METHODS)) of $(words $(METHODS)))
 
 # an SSL-initialised run also waits for (and re-runs after) its method's pretraining
@@ -136,7 +141,7 @@ ssl_prereq = $(if $(filter simsiam swav,$(firstword $(subst -, ,$(1)))),$(EXE)/0
 # an ImageNet run recorded as unavailable re-runs once the weights file appears in the torch hub cache
 TORCH_HUB := $(or $(TORCH_HOME),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/torch),$(HOME)/.cache/torch)/hub
 imagenet_prereq = $(if $(filter imagenet,$(firstword $(subst -, ,$(1)))),$(wildcard $(TORCH_HUB)/checkpoints/resnet18-*.pth))
-$(FINETUNE): $(EXE)/03_finetune-%.ipynb: notebooks/03_finetune.py $(PREP) $(LIB) $$(call ssl_prereq,$$*) \
+$(FINETUNE): $(EXE)/03_finetune-%.ipynb: $(NB)/03_finetune.ipynb $(PREP) $(LIB) $$(call ssl_prereq,$$*) \
 		$$(call imagenet_prereq,$$*)
 	$(call papermill,03_finetune,-p run $*,fine-tuning run $(call position,$*,$(RUNS)) of $(words $(RUNS)))
 
@@ -146,13 +151,13 @@ $(EXTERNAL_VALUE): FORCE
 	@mkdir -p $(@D)
 	@printf '%s\n' "$(EXTERNAL)" | cmp -s - $@ || printf '%s\n' "$(EXTERNAL)" > $@
 
-$(EVALUATE): notebooks/04_evaluate.py $(FINETUNE) $(LIB) $(EXTERNAL_VALUE)
+$(EVALUATE): $(NB)/04_evaluate.ipynb $(FINETUNE) $(LIB) $(EXTERNAL_VALUE)
 	$(call papermill,04_evaluate,-p external "$(EXTERNAL)")
 
-$(EXPLAIN): notebooks/05_explain.py $(EVALUATE) $(LIB)
+$(EXPLAIN): $(NB)/05_explain.ipynb $(EVALUATE) $(LIB)
 	$(call papermill,05_explain)
 
-$(REPORT): notebooks/06_report.py $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB) $(EXTERNAL_VALUE)
+$(REPORT): $(NB)/06_report.ipynb $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB) $(EXTERNAL_VALUE)
 	$(call papermill,06_report,-p external "$(EXTERNAL)")
 
 # stages 01, 04, 05 and 06 never run beside another stage (each waits for every stage before it, and every later

@@ -130,14 +130,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 DEFAULT_RECIPE = {"loss": "dice", "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
                   "warmup_epochs": 0, "augment": {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0,
-                                                  "crop": 0, "crop_share": 0}}
+                                                  "crop": 0, "whole_epochs": 0}}
 
 
-def crop_epochs(share: float, epochs: int) -> int:
-    """How many of a run's first epochs train on random crops (``finetune.augment.crop_share`` of them, rounded);
-    the rest train on whole slices. A run with a frozen encoder never crops (``SegmentationModule``): on the ACDC
-    validation split crops cost a frozen random encoder at 150 slices 0.08 Dice, against none with it trained."""
-    return int(round(share * epochs))
+def crop_epochs(epochs: int, whole_epochs: int, crop: int, frozen_encoder: bool) -> int:
+    """How many of a run's first epochs train on random crops: all but the last ``whole_epochs``
+    (``finetune.augment``), which see whole slices as inference does; none without crops, and none for a frozen
+    encoder (on the ACDC validation split crops cost a frozen random encoder at 150 slices 0.08 Dice, and a trained one
+    none)."""
+    return 0 if not crop or frozen_encoder else max(0, epochs - whole_epochs)
 
 
 def _lightning():
@@ -186,10 +187,10 @@ class SegmentationModule(_lightning().LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:
             augment = dict(self.recipe["augment"])
-            share = 0 if self.hparams.freeze_encoder else augment.pop("crop_share", 0)
-            augment.pop("crop_share", None)
-            if self.current_epoch >= crop_epochs(share, self.trainer.max_epochs):
-                augment["crop"] = 0  # the last epochs (and frozen-encoder runs) see whole slices, as inference does
+            whole = augment.pop("whole_epochs", 0)
+            if self.current_epoch >= crop_epochs(self.trainer.max_epochs, whole, augment.get("crop", 0),
+                                                 self.hparams.freeze_encoder):
+                augment["crop"] = 0
             return augment_batch(*batch, **augment)
         return batch
 

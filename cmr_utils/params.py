@@ -44,6 +44,7 @@ SCHEMA: dict[str, Any] = {
         "epochs": int,
         "epochs_budget": int,
         "val_every": int,
+        "val_every_budget": int,
         "batch_size_all": int,
         "batch_size_budget": int,
         "lr": NUMBER,
@@ -55,7 +56,7 @@ SCHEMA: dict[str, Any] = {
         "schedule": str,
         "warmup_epochs": NUMBER,
         "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER, "crop": int,
-                    "crop_share": NUMBER},
+                    "whole_epochs": int},
     },
     "evaluate": {"test_time_flips": bool},
     "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
@@ -143,19 +144,21 @@ def validate(params: dict, source: str = "parameters") -> dict:
     for key, high in (("rotation_deg", 180), ("scale", 0.5), ("gamma", 0.9)):
         if not 0 <= aug[key] <= high:
             raise ParameterError(f"{source}: finetune.augment.{key}: expected a number in [0, {high}], got {aug[key]!r}")
-    size, crop, share = params["data"]["image_size"], aug["crop"], aug["crop_share"]
+    size, crop, whole = params["data"]["image_size"], aug["crop"], aug["whole_epochs"]
     if crop and (crop < 32 or crop % 32 or crop >= size):
         raise ParameterError(f"{source}: finetune.augment.crop: expected 0 (no crops) or a multiple of 32 (FPN strides) "
                              f"below data.image_size ({size}), got {crop!r}")
-    if not 0 <= share <= 1 or bool(crop) != (share > 0):
-        raise ParameterError(f"{source}: finetune.augment.crop_share: expected the share of epochs in (0, 1] trained on "
-                             f"crops when finetune.augment.crop is set, 0 when it is 0; got {share!r} with crop {crop!r}")
+    shortest = min(params["finetune"]["epochs"], params["finetune"]["epochs_budget"])
+    if (not 1 <= whole < shortest) if crop else whole != 0:
+        raise ParameterError(f"{source}: finetune.augment.whole_epochs: expected, with crops, the number of last epochs "
+                             f"on whole slices, at least 1 and below the shortest run's {shortest} epochs (0 without "
+                             f"crops); got {whole!r} with crop {crop!r}")
     ft = params["finetune"]
-    every = ft["val_every"]
-    if every < 1 or ft["epochs"] % every or ft["epochs_budget"] % every:
-        raise ParameterError(f"{source}: finetune.val_every: expected a positive number that divides finetune.epochs "
-                             f"({ft['epochs']}) and finetune.epochs_budget ({ft['epochs_budget']}), so that the last "
-                             f"epoch is validated; got {every!r}")
+    for key, epochs in (("val_every", "epochs"), ("val_every_budget", "epochs_budget")):
+        every = ft[key]
+        if every < 1 or ft[epochs] % every:
+            raise ParameterError(f"{source}: finetune.{key}: expected a positive number that divides finetune.{epochs} "
+                                 f"({ft[epochs]}), so that the last epoch is validated; got {every!r}")
     for init in params["finetune"]["inits"]:
         if init not in INITS:
             raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected {INITS}")

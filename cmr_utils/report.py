@@ -86,7 +86,7 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "weight_decay"): "weight decay", ("finetune", "lr"): "learning rate",
             ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
             ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs", ("finetune", "epochs_budget"): "epochs",
-            ("finetune", "val_every"): "model selection",
+            ("finetune", "val_every"): "model selection", ("finetune", "val_every_budget"): "model selection",
             ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
             ("finetune", "freeze_below"): "freezing", ("finetune", "budgets_below_freeze"): "freezing",
             ("finetune", "budgets"): "label budgets",
@@ -131,9 +131,9 @@ def _augment(augment: dict) -> str:
         g = augment["gamma"]
         parts.append(f"gamma {1 - g:.2g}–{1 / (1 - g):.3g}")
     if augment.get("crop", 0) > 0:
-        parts.append(f"random {augment['crop']} px crops at the slices' pixel size for the first "
-                     f"{_number(100 * augment['crop_share'])} % of the epochs of runs that train the encoder "
-                     "(whole slices after them, and for frozen encoders)")
+        parts.append(f"random {augment['crop']} px crops at the slices' pixel size in every epoch but the last "
+                     f"{augment['whole_epochs']} of runs that train the encoder (whole slices in those, and for frozen "
+                     "encoders)")
     if parts == ["flips"]:
         return "flips only"
     return ", ".join(parts) or "none"
@@ -243,8 +243,11 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
     if ft["epochs_budget"] != ft["epochs"]:
         epochs += f" with all labels / {_number(ft['epochs_budget'])} with a label budget"
-    if ft["val_every"] > 1:
-        epochs += f" (validated, and the model selected, every {_number(ft['val_every'])} epochs)"
+    every = (ft["val_every"], ft["val_every_budget"])
+    if max(every) > 1:
+        epochs += (f" (validated, and the model selected, every {_number(every[0])} epochs" if every[0] == every[1] else
+                   f" (validated, and the model selected, every {_number(every[0])} / {_number(every[1])} epochs")
+        epochs += ")"
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "

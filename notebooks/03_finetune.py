@@ -60,6 +60,7 @@ if main:
 frozen = len(indices) < cfg["freeze_below"] and plan[run]["encoder"] != "trained"  # the study's rule
 batch_size = cfg["batch_size_all"] if budget == "all" else cfg["batch_size_budget"]
 epochs = cfg["epochs"] if budget == "all" else cfg["epochs_budget"]
+val_every = cfg["val_every"] if budget == "all" else cfg["val_every_budget"]
 print(f"{run}: {len(indices)} labelled slices from {train_slices.iloc[indices]['patient'].nunique()} patients; "
       f"encoder {'frozen' if frozen else 'trained'}; batch size {batch_size}; {epochs} epochs")
 
@@ -68,7 +69,7 @@ try:
     result = train_segmentation(
         prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
         init=init, indices=indices, seed=seed, epochs=epochs, batch_size=batch_size, lr=cfg["lr"],
-        freeze_encoder=frozen, trainer=params["trainer"], name=run, val_every=cfg["val_every"],
+        freeze_encoder=frozen, trainer=params["trainer"], name=run, val_every=val_every,
         recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
         encoder_path=ws.encoder_path(init) if init in SSL_INITS else None,
     )

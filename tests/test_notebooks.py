@@ -97,7 +97,7 @@ def test_parallel_runs_share_the_cores_and_the_serial_stages_take_them_all():
     # another stage, get all of them
     dry = make("-n", "-W", "notebooks/01_prepare_data.py", "JOBS=2", "report",
                "PROFILE=tiny").stdout
-    found = re.findall(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\}.*?/(\d\d_[\w-]+)\.ipynb\.src\.ipynb", dry)
+    found = re.findall(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\}.*?papermill \S+ \S*/(\d\d_[\w-]+)\.ipynb\.tmp\.ipynb", dry)
     threads = {stage: int(n) for n, stage in found}
     cores = len(os.sched_getaffinity(0))  # what `nproc` counts
     assert {s for s in threads if s.startswith("03_")}, dry

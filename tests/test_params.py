@@ -22,7 +22,7 @@ def test_paper_profile_holds_the_study_protocol():
     assert ft["epochs"] == 40 and ft["lr"] == 1e-4 and ft["freeze_below"] == 1000
     # the study's recipe exactly: Dice loss, Adam at a constant rate, flips only, the whole slice
     assert (ft["loss"], ft["optimizer"], ft["weight_decay"], ft["schedule"]) == ("dice", "adam", 0, "constant")
-    assert ft["augment"] == {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "crop_share": 0}
+    assert ft["augment"] == {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0}
     assert p["data"]["field_of_view"] == 1.0 and p["data"]["resize"] == "pad"
     assert ft["budgets"] == ["all", 1200, 700, 500, 150] and ft["batch_size_all"] == 128
     assert ft["batch_size_budget"] == 32 and set(ft["inits"]) == {"random", "imagenet", "simsiam", "swav"}
@@ -39,14 +39,16 @@ def mutate(path, value):
 
 @pytest.mark.parametrize("path,value,message", [
     (("finetune", "epochs"), "40", r"finetune.epochs: expected int, got str '40'"),
-    (("finetune", "augment"), {"flips": 1, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "crop_share": 0},
+    (("finetune", "augment"), {"flips": 1, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0},
      r"finetune.augment.flips: expected bool, got int"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 1.0, "crop": 0, "crop_share": 0},
+    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 1.0, "crop": 0, "whole_epochs": 0},
      r"augment.gamma"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 80, "crop_share": 0.5},
+    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 80, "whole_epochs": 1},
      r"finetune.augment.crop: expected 0 \(no crops\) or a multiple of 32 \(FPN strides\) below data.image_size"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "crop_share": 0.5},
-     r"finetune.augment.crop_share: expected the share of epochs in \(0, 1\] trained on crops when"),
+    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 2},
+     r"finetune.augment.whole_epochs: expected, with crops, the number of last epochs on whole slices"),
+    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0.5},
+     r"finetune.augment.whole_epochs: expected int, got float"),
     (("finetune", "loss"), "focal", r"finetune.loss: expected one of \['dice', 'dice_ce'\]"),
     (("finetune", "schedule"), "step", r"finetune.schedule: expected one of"),
     (("trainer", "precision"), "bf16", r"trainer.precision: expected one of"),
@@ -70,27 +72,33 @@ def test_wrong_parameters_are_named(path, value, message):
 
 
 def test_crops_need_a_share_of_epochs_and_a_size_the_fpn_takes():
-    """acdc-cpu (128 px slices) crops 96 px windows; 64 is as valid, 128 is no crop at all, and a crop needs a share."""
+    """acdc-cpu (128 px slices) crops 96 px windows; 64 is as valid, 128 is no crop at all, and with crops at least the
+    last epoch, and not every epoch, sees whole slices."""
     params = copy.deepcopy(P.load_profile("acdc-cpu"))
     aug = params["finetune"]["augment"]
-    assert (aug["crop"], aug["crop_share"]) == (96, 0.5)
+    assert (aug["crop"], aug["whole_epochs"]) == (96, 7)
     aug["crop"] = 64
     P.validate(params, "params/x.yaml")
-    for crop, share, message in ((128, 0.7, r"finetune.augment.crop: .* below data.image_size \(128\), got 128"),
-                                 (64, 0, r"crop_share: .* got 0 with crop 64"),
-                                 (64, 1.5, r"crop_share: .* got 1.5 with crop 64")):
-        aug["crop"], aug["crop_share"] = crop, share
+    for crop, whole, message in ((128, 7, r"finetune.augment.crop: .* below data.image_size \(128\), got 128"),
+                                 (64, 0, r"whole_epochs: .* at least 1 and below the shortest run's 14 epochs .* got 0 "
+                                         r"with crop 64"),
+                                 (64, 14, r"whole_epochs: .* got 14 with crop 64")):
+        aug["crop"], aug["whole_epochs"] = crop, whole
         with pytest.raises(P.ParameterError, match=message):
             P.validate(params, "params/x.yaml")
 
 
-def test_validation_interval_must_divide_both_epoch_counts():
-    """The last epoch of every run is validated: val_every divides finetune.epochs and finetune.epochs_budget."""
+def test_validation_intervals_must_divide_their_epoch_counts():
+    """The last epoch of every run is validated: val_every divides finetune.epochs, val_every_budget
+    finetune.epochs_budget."""
     p = mutate(("finetune", "val_every"), 2)
-    p["finetune"]["epochs"], p["finetune"]["epochs_budget"] = 4, 6
+    p["finetune"]["epochs"], p["finetune"]["epochs_budget"], p["finetune"]["val_every_budget"] = 14, 20, 4
     assert P.validate(p, "params/x.yaml") is p
-    p["finetune"]["epochs_budget"] = 5
-    with pytest.raises(P.ParameterError, match=r"params/x.yaml: finetune.val_every: .*epochs_budget \(5\).*got 2"):
+    p["finetune"]["epochs_budget"] = 18
+    with pytest.raises(P.ParameterError, match=r"params/x.yaml: finetune.val_every_budget: .*epochs_budget \(18\).*got 4"):
+        P.validate(p, "params/x.yaml")
+    p["finetune"]["epochs_budget"], p["finetune"]["epochs"] = 20, 15
+    with pytest.raises(P.ParameterError, match=r"params/x.yaml: finetune.val_every: .*finetune.epochs \(15\).*got 2"):
         P.validate(p, "params/x.yaml")
 
 

@@ -42,7 +42,7 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
     for words in ("Dice + cross-entropy loss", "AdamW (lr 2e-3, weight decay 1e-4)",
                   "one-epoch linear warm-up then cosine decay per step", "batch 8 (all labels) / 4 (budgets)",
                   "flips, rotations up to ±15°, scaling ±10 %, gamma 0.7–1.43, random 96 px crops at the slices' pixel "
-                  "size for the first 50 % of the epochs of runs that train the encoder",
+                  "size in every epoch but the last 7 of runs that train the encoder",
                   "the slice padded to a square, central 75 % kept, resized to 128 px", "14 epochs with all labels / 20 with a label budget",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "test predictions: the mean probabilities over each slice and its three flips",
