@@ -245,9 +245,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
         epochs += f" with all labels / {_number(ft['epochs_budget'])} with a label budget"
     every = (ft["val_every"], ft["val_every_budget"])
     if max(every) > 1:
-        epochs += (f" (validated, and the model selected, every {_number(every[0])} epochs" if every[0] == every[1] else
-                   f" (validated, and the model selected, every {_number(every[0])} / {_number(every[1])} epochs")
-        epochs += ")"
+        shown = _number(every[0]) if every[0] == every[1] else f"{_number(every[0])} / {_number(every[1])}"
+        epochs += f" (validated, and the model selected, every {shown} epochs)"
     text = (f"**Fine-tuning recipe{name}**: {loss}, {optimiser} ({settings}), "
             f"{_schedule(recipe['schedule'], recipe['warmup_epochs'])}, {epochs}, "
             f"batch {ft['batch_size_all']} (all labels) / {ft['batch_size_budget']} (budgets), encoder frozen below "

@@ -44,6 +44,7 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
                   "flips, rotations up to ±15°, scaling ±10 %, gamma 0.7–1.43, random 96 px crops at the slices' pixel "
                   "size in every epoch but the last 7 of runs that train the encoder",
                   "the slice padded to a square, central 75 % kept, resized to 128 px", "14 epochs with all labels / 20 with a label budget",
+                  "(validated, and the model selected, every 2 / 4 epochs)",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "test predictions: the mean probabilities over each slice and its three flips",
                   "**Pretraining** (SimSiam and SwAV): up to 20 epochs with early stopping", "test-time flips",
