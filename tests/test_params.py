@@ -71,7 +71,7 @@ def test_wrong_parameters_are_named(path, value, message):
         P.validate(mutate(path, value), "params/x.yaml")
 
 
-def test_crops_need_a_share_of_epochs_and_a_size_the_fpn_takes():
+def test_crops_need_whole_epochs_and_a_size_the_fpn_takes():
     """acdc-cpu (128 px slices) crops 96 px windows; 64 is as valid, 128 is no crop at all, and with crops at least the
     last epoch, and not every epoch, sees whole slices."""
     params = copy.deepcopy(P.load_profile("acdc-cpu"))
