@@ -7,6 +7,7 @@
 #   make report EXTERNAL=/a,/b       also score every run on labelled folders of other datasets (any layout)
 #   make run RUN=swav-150-s0         one run of the sweep (more: RUN="a b"), with the stages it needs first
 #   make predict RUN=random-all-s0 INPUT=/scans OUTPUT=/masks   segment new scans with a trained run
+#   make framing RUN=random-all-s0 [SPLIT=val]   the framing test: Dice with the scans cropped or padded
 #   make test                        the test suite
 #   JOBS=1                           one run at a time (default: one per core)
 #
@@ -201,4 +202,10 @@ predict: $(STAMP) ## segment the scans of INPUT with run RUN into OUTPUT (NIfTI 
 	$(PY) -m cmr_utils.predict_scans --run "$(RUN)" --input "$(INPUT)" --output "$(OUTPUT)" --profile $(PROFILE) \
 		--data "$(DATA)" $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)")
 
-.PHONY: predict FORCE
+# make framing RUN=<init>-<budget>-s<seed> [SPLIT=val|test] [PROFILE=...] [DATA=...]: the framing test of one trained run
+# (cmr_utils/framing.py): Dice on the split's patients in their original framing, cropped around the heart and padded.
+SPLIT ?= val
+framing: $(STAMP) ## Dice of run RUN on the SPLIT (val) patients framed as other centres frame them
+	$(PY) -m cmr_utils.framing --run "$(RUN)" --split $(SPLIT) --profile $(PROFILE) --data "$(DATA)"
+
+.PHONY: predict framing FORCE

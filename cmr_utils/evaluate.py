@@ -1,10 +1,13 @@
 """Stage 04 logic: every run's selected model on the test split, scored as the study and as ACDC do.
 
+- every volume is predicted as a new scan is (``cmr_utils.inference.predict_volume``): normalised, put on its
+  inference canvas by the geometry stage 01 used (physical: the whole field at the training spacing, the heart
+  located first where it is larger than the training window; pixel: the model grid), and predicted;
 - the study's IoU (``cmr_utils.metrics.study_iou``), per slice and over the split, on the model's grid
-  (the prepared test slices and labels: squared, field-of-view crop, ``image_size`` px);
+  (the training window of that prediction against the prepared test labels, ``image_size`` px);
 - per patient and phase (ED, ES), on each volume's ORIGINAL grid against its ORIGINAL labels, as the ACDC
-  challenge does: the softmax probabilities are mapped back (resize, then undo the field-of-view crop and the
-  padding or cropping; ``cmr_utils.geometry.SliceGeometry.to_native``), argmax'd, and compared with the label
+  challenge does: the softmax probabilities are mapped back (``cmr_utils.geometry``'s ``to_native``),
+  argmax'd, and compared with the label
   volume read from the labelled source: 3D Dice, IoU and HD95 per structure (mm where the source has spacing,
   pixels of the original grid otherwise — the unit is a column), and the structures' volumes;
 - LV and RV ejection fraction from predicted versus true ED/ES volumes (original grid).
@@ -23,8 +26,9 @@ import pandas as pd
 
 from . import metrics
 from .finetune import load_trained_model
-from .geometry import SliceGeometry
-from .inference import predict_probabilities
+from .geometry import canvas_window, geometry_for
+from .inference import predict_volume
+from .prepare import normalise_volume
 from .readers import CardiacVolume, DataError, Source, open_source
 from .training import predicts_in_bf16
 
@@ -109,14 +113,17 @@ def labelled_source(prepared) -> Source:
     return source
 
 
-def native_predictions(prepared, source: Source, probabilities_of: Callable[[np.ndarray], np.ndarray],
-                       split: str = "test") -> Iterator[tuple[CardiacVolume, np.ndarray, np.ndarray, np.ndarray]]:
+def native_predictions(prepared, source: Source,
+                       probabilities_of: Callable[[CardiacVolume, object], np.ndarray], split: str = "test"
+                       ) -> Iterator[tuple[CardiacVolume, np.ndarray, np.ndarray, np.ndarray]]:
     """For each labelled volume of ``split``, one at a time: ``(volume, rows, model-grid labels, native labels)``.
 
-    ``probabilities_of(rows)`` returns the class probabilities (len(rows), C, S, S) of those rows of the
-    prepared split (slice order within the volume); they are argmax'd on the model grid (the study's IoU) and
-    mapped back to the volume's original grid with the geometry stage 01 used (``SliceGeometry``), then
-    argmax'd there. ``volume`` is the source's ``CardiacVolume`` (original image, labels and spacing).
+    ``probabilities_of(volume, geometry)`` returns the class probabilities (Z, C, *geometry.canvas_shape) of the
+    volume on its inference canvas (``cmr_utils.inference.predict_volume``), the geometry being the one stage 01
+    used (``cmr_utils.geometry.geometry_for``). Their training window (``canvas_window``) is argmax'd on the model
+    grid (the study's IoU, against the prepared labels of ``rows``); the whole canvas is mapped back to the
+    volume's original grid and argmax'd there. ``volume`` is the source's ``CardiacVolume`` (original image,
+    labels and spacing).
     """
     slices = prepared.slices(split)
     manifest = prepared.manifest
@@ -136,16 +143,17 @@ def native_predictions(prepared, source: Source, probabilities_of: Callable[[np.
                             f"{int(recorded['orig_h'].iloc[0])} x {int(recorded['orig_w'].iloc[0])}; "
                             "the source changed since stage 01; rerun it")
         seen.add(key)
-        geometry = SliceGeometry.from_manifest(manifest, h, w)
-        probabilities = np.asarray(probabilities_of(rows), dtype=np.float32)
-        yield vol, rows, probabilities.argmax(axis=1).astype(np.uint8), geometry.labels_to_native(probabilities)
+        geometry = geometry_for(manifest, h, w, vol.spacing)
+        probabilities = np.asarray(probabilities_of(vol, geometry), dtype=np.float32)
+        model_grid = canvas_window(probabilities, geometry.size).argmax(axis=1).astype(np.uint8)
+        yield vol, rows, model_grid, geometry.labels_to_native(probabilities)
     missing = sorted(set(positions) - seen)
     if missing:
         raise DataError(f"{source.folder}: the prepared {split} volumes {missing[:4]} are not in the source; "
                         "rerun stage 01")
 
 
-def score_run(prepared, source: Source, probabilities_of: Callable[[np.ndarray], np.ndarray],
+def score_run(prepared, source: Source, probabilities_of: Callable[[CardiacVolume, object], np.ndarray],
               split: str = "test") -> dict:
     """One run's scores: ``per_slice`` and ``iou_model_grid`` on the model's grid (prepared labels);
     ``per_volume`` (patient, phase, structure, dice, iou, hd95, hd95_unit) and ``ef`` on each volume's
@@ -173,10 +181,9 @@ def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, devic
     model = load_trained_model(run_dir).to(device).eval()
     result = run_dir / "result.json"
     bf16 = predicts_in_bf16(json.loads(result.read_text()).get("precision") if result.is_file() else None, device)
-    images = prepared.images(split)
     source = labelled_source(prepared) if source is None else source
-    return score_run(prepared, source,
-                     lambda rows: predict_probabilities(model, images[rows], batch_size, flips, bf16), split)
+    return score_run(prepared, source, lambda vol, geometry: predict_volume(
+        model, normalise_volume(vol.image), geometry, batch_size, flips, bf16), split)
 
 
 # ---------------------------------------------------------------------------------------------- external data

@@ -130,7 +130,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 DEFAULT_RECIPE = {"loss": "dice", "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
                   "warmup_epochs": 0, "augment": {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0,
-                                                  "crop": 0, "whole_epochs": 0}}
+                                                  "crop": 0, "whole_epochs": 0, "contrast": 0, "brightness": 0,
+                                                  "noise": 0, "blur": 0}}
 
 
 def crop_epochs(epochs: int, whole_epochs: int, crop: int, frozen_encoder: bool) -> int:

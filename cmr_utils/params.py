@@ -15,11 +15,14 @@ import yaml
 from .paths import PARAMS_DIR
 
 # The schema: a leaf is the expected type (or tuple of types); a dict is a nested section.
-# Lists are given as ("list", element type).
+# Lists are given as ("list", element type); a number or a list of exactly two numbers as NUMBER_OR_PAIR.
 NUMBER = (int, float)
+NUMBER_OR_PAIR = ("number_or_pair",)
 SCHEMA: dict[str, Any] = {
     "data": {
         "image_size": int,
+        "geometry": str,
+        "target_spacing": (str, int, float),
         "resize": str,
         "field_of_view": NUMBER,
         "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "seed": int},
@@ -55,8 +58,8 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": NUMBER,
         "schedule": str,
         "warmup_epochs": NUMBER,
-        "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER, "gamma": NUMBER, "crop": int,
-                    "whole_epochs": int},
+        "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER_OR_PAIR, "gamma": NUMBER, "crop": int,
+                    "whole_epochs": int, "contrast": NUMBER, "brightness": NUMBER, "noise": NUMBER, "blur": NUMBER},
     },
     "evaluate": {"test_time_flips": bool},
     "trainer": {"accelerator": str, "devices": (int, str), "num_nodes": int, "precision": str, "strategy": str,
@@ -73,6 +76,8 @@ SCHEMA: dict[str, Any] = {
 }
 CHOICES = {
     "data.resize": {"pad", "crop"},
+    # physical: resampled to data.target_spacing mm where the data carry spacing; pixel: the scan's own field of view
+    "data.geometry": {"physical", "pixel"},
     "pretrain.keep": {"best", "last"},
     # budgets below freeze_below: the study's frozen encoder only, or each also run with the encoder trained
     "finetune.budgets_below_freeze": {"frozen", "frozen_and_trained"},
@@ -114,6 +119,15 @@ def _check(value: Any, expected: Any, where: str, source: str) -> None:
         for i, item in enumerate(value):
             _check(item, expected[1], f"{where}[{i}]", source)
         return
+    if expected is NUMBER_OR_PAIR:
+        if isinstance(value, list):
+            if len(value) != 2:
+                raise ParameterError(f"{source}: {where}: expected a number or a list of two numbers, got {value!r}")
+            for i, item in enumerate(value):
+                _check(item, NUMBER, f"{where}[{i}]", source)
+        else:
+            _check(value, NUMBER, where, source)
+        return
     # bool is an int in Python: never accept it where a number is expected, and vice versa
     types = expected if isinstance(expected, tuple) else (expected,)
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
@@ -136,14 +150,24 @@ def validate(params: dict, source: str = "parameters") -> dict:
     if params["pretrain"]["image_size"] < 32 or params["pretrain"]["image_size"] > params["data"]["image_size"]:
         raise ParameterError(f"{source}: pretrain.image_size: expected at least 32 and at most data.image_size "
                              f"({params['data']['image_size']}), got {params['pretrain']['image_size']}")
+    target = params["data"]["target_spacing"]
+    if target != "auto" and (isinstance(target, (bool, str)) or not target > 0):
+        raise ParameterError(f"{source}: data.target_spacing: expected 'auto' (from the training data) or a positive "
+                             f"number of mm, got {target!r}")
     fov = params["data"]["field_of_view"]
     if not 0 < fov <= 1:
         raise ParameterError(f"{source}: data.field_of_view: expected a fraction in (0, 1] of the squared slice, "
                              f"got {fov!r}")
     aug = params["finetune"]["augment"]
-    for key, high in (("rotation_deg", 180), ("scale", 0.5), ("gamma", 0.9)):
+    for key, high in (("rotation_deg", 180), ("gamma", 0.9), ("contrast", 0.9), ("brightness", 0.5), ("noise", 0.5),
+                      ("blur", 3)):
         if not 0 <= aug[key] <= high:
             raise ParameterError(f"{source}: finetune.augment.{key}: expected a number in [0, {high}], got {aug[key]!r}")
+    scale = aug["scale"]
+    if not (0 < scale[0] <= 1 <= scale[1] <= 2 if isinstance(scale, list) else 0 <= scale <= 0.5):
+        raise ParameterError(f"{source}: finetune.augment.scale: expected a number in [0, 0.5] (zoom in "
+                             f"[1 - s, 1 + s]) or a pair [low, high] with 0 < low <= 1 <= high <= 2 (zoom log-uniform), "
+                             f"got {scale!r}")
     size, crop, whole = params["data"]["image_size"], aug["crop"], aug["whole_epochs"]
     if crop and (crop < 32 or crop % 32 or crop >= size):
         raise ParameterError(f"{source}: finetune.augment.crop: expected 0 (no crops) or a multiple of 32 (FPN strides) "

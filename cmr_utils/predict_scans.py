@@ -7,15 +7,23 @@ writes into ``output``:
 
 - ``<case>_pred.nii.gz``: one per input file, with the input's shape, affine and header (data type uint8),
   labels in ACDC's convention (0 background, 1 RV, 2 MYO, 3 LV), so that it overlays the input in ITK-SNAP and
-  3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A source without voxel spacing
-  (the HDF5 layouts) gets an identity affine (unit spacing) and a warning says so;
+  3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A non-NIfTI input gets a diagonal
+  affine of its voxel spacing; one without spacing (LA2018's HDF5, ACDC's without its ``spacing.csv``) gets an
+  identity affine (unit spacing) and a warning says so;
 - ``volumes.csv``: per case and phase (or cine frame), the LV, RV and myocardial volumes (mL; pixels where
   the source has no spacing: column ``volume_unit``), the myocardial mass (g, at 1.05 g/mL) and the LV and
-  RV ejection fractions (%) on the ED and ES rows where both phases are known.
+  RV ejection fractions (%) on the ED and ES rows where both phases are known, and ``check``: "ok", or the
+  findings of ``cmr_utils.plausibility`` (no heart, no LV cavity, a heart too small...) joined by "; ".
 
-**The run's preprocessing is read back, not re-typed.** Stage 01 squared, cropped and resized every slice
-(``cmr_utils.geometry.SliceGeometry``: ``resize``, ``field_of_view``, ``image_size`` of the prepared data's
-``manifest.json``) and normalised each volume to [0, 1] between its 1st and 99th intensity percentiles
+A prediction that missed the heart is written (exit code 0) but never silently: its ``check`` says so, a line
+``predict: WARNING <case> <phase>: <findings>`` goes to stderr even with ``progress=False`` (which silences
+progress only), and the summary line counts the flagged frames.
+
+**The run's preprocessing is read back, not re-typed.** Stage 01 put every slice on the model's grid
+(``cmr_utils.geometry``: physical geometry — resampled to the manifest's ``target_spacing`` mm, so a scan of any
+pixel size or framing is seen at the training scale, padded, the heart located first in a wider field — or,
+without spacing,
+pixel geometry: ``resize``, ``field_of_view``, ``image_size``) and normalised each volume to [0, 1] between its 1st and 99th intensity percentiles
 (``cmr_utils.prepare.normalise_volume``'s defaults, which stage 01 uses). A run records the SHA-256 of the
 manifest it was trained on (``result.json``: ``data_manifest_sha256``); the manifest is used only if it is
 still that file, and a ``preprocessing`` record in ``result.json`` takes precedence when a run has one.
@@ -43,12 +51,11 @@ import numpy as np
 import pandas as pd
 
 from .files import AtomicDir
-from .geometry import SliceGeometry
 from .readers import CardiacVolume, DataError, Scan, open_source
 
 MYOCARDIAL_DENSITY = 1.05  # g/mL, the usual constant for myocardial mass
 VOLUME_COLUMNS = ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume", "myo_volume",
-                  "myo_mass_g", "lv_ef", "rv_ef"]
+                  "myo_mass_g", "lv_ef", "rv_ef", "check"]  # check: "ok" or the plausibility findings
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -61,6 +68,8 @@ class Preprocessing:
     field_of_view: float
     normalise_low: float  # percentiles of ``normalise_volume``
     normalise_high: float
+    geometry: str = "pixel"  # physical: resampled to target_spacing mm (cmr_utils.geometry); records before: pixel
+    target_spacing: float | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Preprocessing":
@@ -68,18 +77,25 @@ class Preprocessing:
 
         defaults = inspect.signature(normalise_volume).parameters  # stage 01 calls it with its defaults
         return cls(int(manifest["image_size"]), manifest["resize"], float(manifest.get("field_of_view", 1.0)),
-                   float(defaults["low"].default), float(defaults["high"].default))
+                   float(defaults["low"].default), float(defaults["high"].default),
+                   manifest.get("geometry", "pixel"), manifest.get("target_spacing"))
 
-    def geometry(self, orig_h: int, orig_w: int) -> SliceGeometry:
-        return SliceGeometry(int(orig_h), int(orig_w), self.resize, self.field_of_view, self.image_size)
+    def geometry_of(self, vol: CardiacVolume):
+        """The geometry a volume is seen in: physical where the run was trained so and the volume has spacing
+        (a warning says when a physical run must fall back to the scan's own field of view)."""
+        from .geometry import geometry_for
 
-    def to_model(self, image: np.ndarray) -> tuple[np.ndarray, SliceGeometry]:
-        """(Z, h, w) original image -> (Z, S, S) model input in [0, 1], and the geometry to map back with."""
+        if self.geometry == "physical" and vol.spacing is None:
+            warnings.warn(f"{vol.path}: no voxel spacing; this run was trained at {self.target_spacing} mm per pixel, "
+                          "so the scan is seen relative to its own field of view (pixel geometry) and a heart framed "
+                          "unlike the training scans may be missed: give the files their spacing", stacklevel=3)
+        return geometry_for(self.as_dict(), *vol.image.shape[1:], vol.spacing)
+
+    def to_model(self, vol: CardiacVolume) -> tuple[np.ndarray, object]:
+        """The volume normalised to [0, 1] as stage 01 did it, and the geometry to put it on the model's grid."""
         from .prepare import normalise_volume
 
-        geometry = self.geometry(*image.shape[1:])
-        model_image, _ = geometry.to_model(normalise_volume(image, self.normalise_low, self.normalise_high))
-        return model_image, geometry
+        return normalise_volume(vol.image, self.normalise_low, self.normalise_high), self.geometry_of(vol)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,11 +145,10 @@ class TrainedRun:
 
     def probabilities(self, vol: CardiacVolume) -> np.ndarray:
         """Softmax probabilities (Z, C, h, w) on the volume's original grid."""
-        from .inference import predict_probabilities
+        from .inference import predict_volume
 
-        model_image, geometry = self.preprocessing.to_model(vol.image)
-        return geometry.to_native(predict_probabilities(self.model, model_image, self.batch_size, self.flips,
-                                                        self.bf16))
+        image, geometry = self.preprocessing.to_model(vol)
+        return geometry.to_native(predict_volume(self.model, image, geometry, self.batch_size, self.flips, self.bf16))
 
     def segment(self, vol: CardiacVolume) -> np.ndarray:
         return self.probabilities(vol).argmax(axis=1).astype(np.uint8)
@@ -178,12 +193,14 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
 # ---------------------------------------------------------------------------------------------- writing
 def label_image(labels: np.ndarray, scan: Scan):
     """A NIfTI image of ``labels`` (T, Z, Y, X) on ``scan``'s grid: the input's affine and header (uint8, no
-    intensity scaling), 4D for a cine, 3D otherwise; an identity affine where the input is not NIfTI."""
+    intensity scaling), 4D for a cine, 3D otherwise; where the input is not NIfTI, a diagonal affine of its voxel
+    spacing (identity without one)."""
     import nibabel as nib
 
     data = np.ascontiguousarray(np.transpose(labels, (3, 2, 1, 0)) if scan.cine else labels[0].T, dtype=np.uint8)
     if not scan.nifti:
-        image = nib.Nifti1Image(data, np.eye(4))
+        spacing = scan.frames[0].spacing
+        image = nib.Nifti1Image(data, np.diag([*((1.0, 1.0, 1.0) if spacing is None else spacing[::-1]), 1.0]))
         image.header.set_xyzt_units("mm")
     else:
         ref = nib.load(str(scan.path))
@@ -201,8 +218,10 @@ def label_image(labels: np.ndarray, scan: Scan):
 
 
 def volume_rows(scan: Scan, predictions: list[np.ndarray]) -> list[dict]:
-    """One row per frame of ``scan``: LV, RV and myocardial volumes (mL, or pixels without spacing) and mass."""
+    """One row per frame of ``scan``: LV, RV and myocardial volumes (mL, or pixels without spacing), mass, and
+    ``check``: "ok", or what ``cmr_utils.plausibility.check_prediction`` finds implausible, joined by "; "."""
     from . import metrics
+    from .plausibility import check_prediction
 
     rows = []
     for vol, pred in zip(scan.frames, predictions):
@@ -211,13 +230,15 @@ def volume_rows(scan: Scan, predictions: list[np.ndarray]) -> list[dict]:
         rows.append({"case": scan.case, "patient": vol.patient, "phase": vol.phase, "frame": vol.frame,
                      "volume_unit": "mL" if ml else "px", "lv_volume": v["LV"], "rv_volume": v["RV"],
                      "myo_volume": v["MYO"], "myo_mass_g": v["MYO"] * MYOCARDIAL_DENSITY if ml else np.nan,
+                     "check": "; ".join(check_prediction(pred, vol.spacing)) or "ok",
                      **{k: val for k, val in vol.meta.items() if val is not None}})
     return rows
 
 
 def volumes_table(rows: list[dict]) -> pd.DataFrame:
     """The rows of ``volume_rows`` with LV and RV ejection fractions (%) on a patient's ED and ES rows where it
-    has exactly one of each (NaN where the ED volume is 0)."""
+    has exactly one of each (NaN where the ED volume is 0), in the order of ``VOLUME_COLUMNS`` (``check``
+    last), then what the layout adds (vendor, centre...)."""
     from .metrics import ejection_fraction
 
     table = pd.DataFrame(rows)
@@ -258,7 +279,11 @@ def predict_folder(segment: Callable[[CardiacVolume], np.ndarray] | TrainedRun, 
 
     ``segment``: a ``TrainedRun`` (``open_run``), or any function from a ``CardiacVolume`` to its label map
     (Z, H, W) on the volume's grid in ACDC's labels. ``label_map``: for a nifti-pairs folder whose label files
-    use other values (see ``cmr_utils.readers.NiftiPairs``)."""
+    use other values (see ``cmr_utils.readers.NiftiPairs``).
+
+    A frame whose prediction is implausible (``cmr_utils.plausibility``: no heart, no LV cavity, a heart too
+    small) is written all the same, its ``check`` says why, and a line ``predict: WARNING <case> <phase>:
+    <findings>`` goes to stderr whatever ``progress`` says: ``progress=False`` silences progress, not warnings."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     _check_output(input_dir, output_dir)
     source = open_source(input_dir, label_map=label_map)
@@ -270,7 +295,7 @@ def predict_folder(segment: Callable[[CardiacVolume], np.ndarray] | TrainedRun, 
                       stacklevel=2)
     staging = AtomicDir(output_dir)
     try:
-        rows, n = [], 0
+        rows, n, flagged = [], 0, 0
         for scan in source.scans(patients):
             n += 1
             started = time.time()
@@ -282,7 +307,12 @@ def predict_folder(segment: Callable[[CardiacVolume], np.ndarray] | TrainedRun, 
                                      f"shape {vol.image.shape}")
                 predictions.append(pred)
             label_image(np.stack(predictions), scan).to_filename(str(staging.path / f"{scan.case}_pred.nii.gz"))
-            rows += volume_rows(scan, predictions)
+            scan_rows = volume_rows(scan, predictions)
+            for row in scan_rows:
+                if row["check"] != "ok":
+                    flagged += 1
+                    print(f"predict: WARNING {scan.case} {row['phase']}: {row['check']}", file=sys.stderr, flush=True)
+            rows += scan_rows
             if progress:
                 print(f"predict: [{n}] {scan.case}: {len(scan.frames)} frame(s) of {scan.frames[0].image.shape} "
                       f"in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
@@ -295,7 +325,10 @@ def predict_folder(segment: Callable[[CardiacVolume], np.ndarray] | TrainedRun, 
         staging.abort()
         raise
     if progress:
-        print(f"predict: {n} scan(s) of {input_dir} ({source.layout}) -> {output_dir}", file=sys.stderr)
+        print(f"predict: {n} scan(s) of {input_dir} ({source.layout}) -> {output_dir}; "
+              + (f"{flagged} of {len(table)} frame(s) flagged implausible (WARNING lines above, column check of "
+                 "volumes.csv)" if flagged else f"all {len(table)} frame(s) pass the plausibility check"),
+              file=sys.stderr)
     return table
 
 

@@ -9,8 +9,15 @@ into train / validation / test (never a patient in two splits), and writes, atom
     {train,val,test}_slices.csv   one row per slice: patient, phase, frame, slice, spacing (mm), ...
     pool_images.npy               (M, S, S) float16: the unlabelled pretraining pool
     pool_slices.csv               one row per pool slice: source, patient, phase, slice
-    manifest.json                 sources (folder, layout, content hash), geometry (image_size, resize,
+    manifest.json                 sources (folder, layout, content hash, geometry), geometry (``geometry``:
+                                  physical or pixel; target_spacing, window_mm; image_size, resize,
                                   field_of_view), parameters, counts
+
+Geometry (``cmr_utils.geometry``): with ``geometry="physical"`` and a labelled source whose files carry voxel
+spacing, every slice is resampled to one target spacing (``target_spacing="auto"``: the smallest that puts every
+training slice's labels inside the centred ``image_size`` window, times ``WINDOW_MARGIN``) and cut to that
+window; a source without spacing is prepared in pixel geometry (``resize``, ``field_of_view``), and the log and
+the manifest say which geometry each source got.
 
 The pool holds every cine frame of the labelled source where it has one (its labelled frames otherwise),
 for the train and validation patients only, plus every volume of the extra sources. It is stored as
@@ -27,10 +34,12 @@ import numpy as np
 import pandas as pd
 
 from .files import AtomicDir
-from .geometry import SliceGeometry
+from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm
 from .readers import CardiacVolume, DataError, Source
 
 SPLITS = ("train", "val", "test")
+# the training window holds the widest training heart (measured from the slice's centre) with 10 % to spare
+WINDOW_MARGIN = 1.1
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -87,12 +96,42 @@ def resize_volume(image: np.ndarray, label: np.ndarray | None, size: int, mode: 
     return img, lab, geometry.spacing_factor
 
 
-def _slice_rows(vol: CardiacVolume, factor: float) -> list[dict]:
+def _slice_rows(vol: CardiacVolume, geometry) -> list[dict]:
     z, h, w = vol.image.shape
     sz, sy, sx = vol.spacing if vol.spacing is not None else (np.nan, np.nan, np.nan)
+    my, mx = geometry.model_spacing(None if vol.spacing is None else (sy, sx))
     return [dict(patient=vol.patient, phase=vol.phase, frame=vol.frame, slice=k, n_slices=z,
-                 source=vol.source, group=vol.group, spacing_z=sz, spacing_y=sy * factor,
-                 spacing_x=sx * factor, orig_h=h, orig_w=w) for k in range(z)]
+                 source=vol.source, group=vol.group, spacing_z=sz, spacing_y=my, spacing_x=mx,
+                 orig_h=h, orig_w=w) for k in range(z)]
+
+
+def auto_target_spacing(volumes, image_size: int, margin: float = WINDOW_MARGIN) -> float:
+    """Target spacing (mm, 3 decimals) at which a centred ``image_size`` window holds every labelled pixel of
+    ``volumes`` (with spacing) with ``margin``: margin * 2 * the largest half extent / image_size."""
+    half = max((heart_half_extent_mm(v.label, v.spacing[1:]) for v in volumes
+                if v.label is not None and v.spacing is not None), default=0.0)
+    if half <= 0:
+        raise DataError("data.target_spacing: auto needs labelled training volumes with voxel spacing; none has "
+                        "a labelled pixel (give data.target_spacing in mm)")
+    return round(margin * 2 * half / image_size, 3)
+
+
+def geometry_record(source: Source, *, geometry: str, image_size: int, resize: str, field_of_view: float,
+                    target_spacing: float | None) -> dict:
+    """What the manifest records of a source's geometry: physical where asked and the source has spacing."""
+    if geometry == "physical" and source.has_spacing:
+        return {"geometry": "physical", "target_spacing": target_spacing, "window_mm": round(target_spacing *
+                image_size, 1), "image_size": image_size, "resize": resize, "field_of_view": field_of_view}
+    return {"geometry": "pixel", "image_size": image_size, "resize": resize, "field_of_view": field_of_view}
+
+
+def describe_geometry(record: dict) -> str:
+    """One line for logs and reports: which geometry, at what scale."""
+    if record.get("geometry") == "physical":
+        return (f"physical geometry: resampled to {record['target_spacing']:g} mm, a {record['image_size']} px "
+                f"window of {record['window_mm']:g} mm")
+    return (f"pixel geometry (the scan's own field of view): {record['resize']} to a square, central "
+            f"{float(record.get('field_of_view', 1.0)):g} of it, {record['image_size']} px")
 
 
 def content_hash(files: list[Path], root: Path) -> str:
@@ -109,17 +148,23 @@ def content_hash(files: list[Path], root: Path) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: int, resize: str,
                     split_fractions: tuple[float, float, float], split_seed: int,
-                    field_of_view: float = 1.0, parameters: dict | None = None) -> dict:
+                    field_of_view: float = 1.0, geometry: str = "pixel", target_spacing: float | str = "auto",
+                    parameters: dict | None = None, log=print) -> dict:
     """Write the prepared slice sets of ``sources`` (the first one labelled) to ``out_dir``; return the manifest.
 
     Every slice is squared (``resize``: pad or crop), cut to the central ``field_of_view`` fraction of the
     square and resized to ``image_size`` (``cmr_utils.geometry.SliceGeometry``; stage 04 maps predictions back
     with the same rule, from the manifest's ``resize``, ``field_of_view``, ``image_size`` and the slices'
-    ``orig_h``, ``orig_w``)."""
+    ``orig_h``, ``orig_w``); ``geometry="physical"`` resamples sources with voxel spacing to one target spacing
+    (module docstring). ``log``: where the line saying each source's geometry goes."""
     if not sources:
         raise ValueError("prepare_dataset: no data source given")
     labelled, extras = sources[0], sources[1:]
     SliceGeometry(1, 1, resize, field_of_view, image_size)  # fails early on a bad mode or field of view
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"data.geometry: expected one of {GEOMETRIES}, got {geometry!r}")
+    if target_spacing != "auto" and not (isinstance(target_spacing, (int, float)) and target_spacing > 0):
+        raise ValueError(f"data.target_spacing: expected 'auto' or a positive number of mm, got {target_spacing!r}")
     if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
         raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
                         f"(1 RV, 2 MYO, 3 LV); layout {labelled.layout} has {labelled.labels}")
@@ -130,6 +175,16 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         groups = {p: labelled.group(p) for p in patients}
         split = split_patients(patients, split_fractions, split_seed, groups)
         split_of = {p: s for s, members in split.items() for p in members}
+        if geometry == "physical" and not labelled.has_spacing:
+            geometry = "pixel"  # the model's scale must come from the labelled source: without spacing, pixels
+        if geometry == "physical" and target_spacing == "auto":
+            target_spacing = auto_target_spacing(labelled.volumes(split["train"]), image_size)
+        records = {id(s): geometry_record(s, geometry=geometry, image_size=image_size, resize=resize,
+                                          field_of_view=field_of_view,
+                                          target_spacing=None if target_spacing == "auto" else float(target_spacing))
+                   for s in sources}
+        for s in sources:
+            log(f"{s.layout:12s} {describe_geometry(records[id(s)])}  {s.folder}")
         pd.DataFrame({"patient": patients, "group": [groups[p] for p in patients],
                       "split": [split_of[p] for p in patients]}).to_csv(tmp / "split.csv", index=False)
 
@@ -137,11 +192,11 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         for name in SPLITS:
             images, labels, rows = [], [], []
             for vol in labelled.volumes(split[name]):
-                img, lab, factor = resize_volume(normalise_volume(vol.image), vol.label, image_size, resize,
-                                                  field_of_view)
+                geo = geometry_for(records[id(labelled)], *vol.image.shape[1:], vol.spacing)
+                img, lab = geo.to_model(normalise_volume(vol.image), vol.label)
                 images.append(img)
                 labels.append(lab)
-                rows += _slice_rows(vol, factor)
+                rows += _slice_rows(vol, geo)
             np.save(tmp / f"{name}_images.npy", np.concatenate(images))
             np.save(tmp / f"{name}_labels.npy", np.concatenate(labels))
             pd.DataFrame(rows).to_csv(tmp / f"{name}_slices.csv", index_label="index")
@@ -152,7 +207,8 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         pretrain_patients = split["train"] + split["val"]
         for source, members in [(labelled, pretrain_patients)] + [(s, None) for s in extras]:
             for vol in source.cine(members):
-                img, _, _ = resize_volume(normalise_volume(vol.image), None, image_size, resize, field_of_view)
+                img, _ = geometry_for(records[id(source)], *vol.image.shape[1:], vol.spacing).to_model(
+                    normalise_volume(vol.image))
                 pool.append(img.astype(np.float16))
                 rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
                               phase=vol.phase, slice=k) for k in range(len(img))]
@@ -163,8 +219,9 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         manifest = {
             "sources": [{"folder": str(s.folder), "layout": s.layout, "patients": len(s.patients()),
                          "content_sha256": content_hash(s.files(), s.folder),
-                         "role": "labelled" if s is labelled else "pretraining only"} for s in sources],
-            "image_size": image_size, "resize": resize, "field_of_view": field_of_view,
+                         "role": "labelled" if s is labelled else "pretraining only",
+                         "geometry": records[id(s)]["geometry"]} for s in sources],
+            **records[id(labelled)],
             "split": {"fractions": list(split_fractions), "seed": split_seed},
             "counts": counts, "parameters": parameters or {},
         }

@@ -92,7 +92,8 @@ PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser"
             ("finetune", "budgets"): "label budgets",
             ("finetune", "seeds"): "seeds", ("finetune", "inits"): "initialisations",
             ("data", "image_size"): "image size", ("data", "resize"): "squaring",
-            ("data", "field_of_view"): "field of view", ("pretrain", "image_size"): "pretraining",
+            ("data", "field_of_view"): "field of view", ("data", "geometry"): "geometry",
+            ("data", "target_spacing"): "geometry", ("pretrain", "image_size"): "pretraining",
             ("pretrain", "max_epochs"): "pretraining", ("pretrain", "keep"): "pretraining",
             ("evaluate", "test_time_flips"): "test-time flips"}
 
@@ -125,11 +126,23 @@ def _augment(augment: dict) -> str:
         parts.append("flips")
     if augment.get("rotation_deg", 0) > 0:
         parts.append(f"rotations up to ±{_number(augment['rotation_deg'])}°")
-    if augment.get("scale", 0) > 0:
-        parts.append(f"scaling ±{_number(100 * augment['scale'])} %")
+    scale = augment.get("scale", 0)
+    if isinstance(scale, (list, tuple)):
+        if tuple(scale) != (1, 1):
+            parts.append(f"scaling {_number(scale[0])}–{_number(scale[1])}×")
+    elif scale > 0:
+        parts.append(f"scaling ±{_number(100 * scale)} %")
     if augment.get("gamma", 0) > 0:
         g = augment["gamma"]
         parts.append(f"gamma {1 - g:.2g}–{1 / (1 - g):.3g}")
+    if augment.get("contrast", 0) > 0:
+        parts.append(f"contrast ±{_number(100 * augment['contrast'])} %")
+    if augment.get("brightness", 0) > 0:
+        parts.append(f"brightness ±{_number(augment['brightness'])}")
+    if augment.get("noise", 0) > 0:
+        parts.append(f"Gaussian noise σ up to {_number(augment['noise'])}")
+    if augment.get("blur", 0) > 0:
+        parts.append(f"Gaussian blur σ up to {_number(augment['blur'])} px")
     if augment.get("crop", 0) > 0:
         parts.append(f"random {augment['crop']} px crops at the slices' pixel size in every epoch but the last "
                      f"{augment['whole_epochs']} of runs that train the encoder (whole slices in those, and for frozen "
@@ -141,6 +154,10 @@ def _augment(augment: dict) -> str:
 
 def _input(data: dict) -> str:
     fov, size = float(data["field_of_view"]), int(data["image_size"])
+    if data.get("geometry") == "physical" and isinstance(data.get("target_spacing"), (int, float)):
+        spacing = float(data["target_spacing"])
+        return (f"each slice resampled to {_number(spacing)} mm per pixel, a {size} px window of "
+                f"{_number(round(spacing * size))} mm (whole fields, by a sliding window, at inference)")
     if data["resize"] == "pad":
         kept = "the whole slice, padded to a square" if fov >= 1 else \
             f"the slice padded to a square, central {_number(100 * fov)} % kept"
@@ -237,8 +254,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     if recipe["weight_decay"]:
         settings += f", weight decay {_number(recipe['weight_decay'])}"
     loss = {"dice": "Dice loss", "dice_ce": "Dice + cross-entropy loss"}.get(recipe["loss"], recipe["loss"])
-    geometry = {**params["data"], **{k: data[k] for k in ("image_size", "resize", "field_of_view")
-                                     if data and k in data}}
+    geometry = {**params["data"], **{k: data[k] for k in ("image_size", "resize", "field_of_view", "geometry",
+                                                          "target_spacing") if data and k in data}}
     name = f" (profile {profile})" if profile else ""
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
     if ft["epochs_budget"] != ft["epochs"]:

@@ -20,12 +20,15 @@
 # unlabelled pretraining pool holds every cine frame of the train and validation patients plus the extra
 # sources — never a test patient.
 #
-# Every slice is made square (`data.resize`: `pad` with zeros to its longer side, or `crop` its centre to the
-# shorter side), cut to the central `data.field_of_view` fraction of that square, and resized to
-# `data.image_size` pixels (`cmr_utils.geometry.SliceGeometry`). On the 160 ACDC volumes every labelled structure
-# lies within the central 0.67 of the padded square, so a field of view of 0.8 keeps all of them and magnifies
-# the heart by 1 / 0.8 = 1.25 in each direction; stage 04 maps predictions back through the same rule to score
-# them on each volume's original grid.
+# **Geometry** (`data.geometry`, `cmr_utils.geometry`). Where the labelled source carries voxel spacing, every
+# slice is resampled in-plane to one target spacing in millimetres and cut to the central `data.image_size` window
+# (`physical`): the heart then has the same size in model pixels whatever the scanner's pixel size or field of view,
+# and a scan framed tightly around the heart is padded, a wide thorax searched for the heart first, at inference.
+# `data.target_spacing: auto` picks the spacing at which that window holds every training heart (measured from the
+# slice's centre) with 10 % to spare. Sources without spacing (the LA2018 HDF5 files; ACDC's HDF5 files without their `spacing.csv`)
+# keep pixel geometry: made square (`data.resize`), cut to the central `data.field_of_view` of the square and
+# resized, so a scan is seen relative to its own field of view. The log below says which geometry each source got;
+# stage 04 maps predictions back through the same rule to score them on each volume's original grid.
 
 # %% tags=["parameters"]
 profile = "default"
@@ -48,7 +51,8 @@ manifest = prepare_dataset(
     sources, ws.prepared,
     image_size=params["data"]["image_size"], resize=params["data"]["resize"],
     split_fractions=(split["train"], split["val"], split["test"]), split_seed=split["seed"],
-    field_of_view=params["data"]["field_of_view"], parameters=params["data"],
+    field_of_view=params["data"]["field_of_view"], geometry=params["data"]["geometry"],
+    target_spacing=params["data"]["target_spacing"], parameters=params["data"],
 )
 prepared = Prepared.open(ws.prepared)
 manifest["counts"]

@@ -33,6 +33,7 @@ from cmr_utils.finetune import sample_budgets, train_segmentation
 from cmr_utils.models import SSL_INITS, WeightsUnavailable
 from cmr_utils.params import load_profile
 from cmr_utils.plan import plan_runs
+from cmr_utils.predict_scans import Preprocessing
 from cmr_utils.prepare import Prepared
 
 params = load_profile(profile)
@@ -77,7 +78,9 @@ except WeightsUnavailable as err:
     # recorded, not hidden: the report lists this initialisation as unavailable (never trained from random)
     result = {"status": "unavailable", "init": init, "seed": seed, "reason": str(err)}
     print(f"UNAVAILABLE: {err}")
-result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash)
+# the preprocessing the model needs (geometry in mm or pixels, normalisation), so that the run predicts without stage 01
+result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash,
+              preprocessing=Preprocessing.from_manifest(prepared.manifest).as_dict())
 if main:
     write_json_atomic(out / "result.json", result)
 result

@@ -15,9 +15,11 @@
 # **Parameters**: `params/<profile>.yaml` (the plan of runs); `external` (`EXTERNAL=`): labelled folders in any
 # supported layout on which every run is also scored (external validation; empty: none).
 #
-# **Two grids.** 3D metrics on each volume's original grid: predictions are mapped back (resize, then undo the
-# field-of-view crop and padding) and compared with the original labels, as the ACDC challenge does; the study's
-# IoU is on the model's grid (the prepared test slices, `data.image_size` px, e.g. 128 px).
+# **Two grids.** Every test volume is predicted as a new scan is (`cmr_utils.inference.predict_volume`: in physical
+# geometry the whole field at the training spacing; where it is larger than the training window, the heart is
+# located in it first and the window around it predicted). 3D metrics on each volume's original grid: predictions are mapped back and compared with the original
+# labels, as the ACDC challenge does; the study's IoU is on the model's grid (the training window of the same
+# prediction against the prepared test labels, `data.image_size` px, e.g. 128 px).
 # **The study's statistic** ("IoU", column `test_iou_model_grid`) is the intersection over union of the three
 # foreground classes as segmentation-models-pytorch computes it with `reduction="micro"`: true positives, false
 # positives and false negatives are summed over every test slice and over RV, MYO and LV, then
@@ -38,7 +40,7 @@ external = ""
 import pandas as pd
 from IPython.display import display
 
-from cmr_utils import evaluate, paths, plots, stats
+from cmr_utils import evaluate, framing, paths, plots, stats
 from cmr_utils.params import load_profile
 from cmr_utils.plan import external_sources, plan_runs
 from cmr_utils.prepare import Prepared
@@ -99,6 +101,20 @@ if external_sets:
     display(drop.style.format(precision=3, na_rep="–").hide(axis="index"))
 else:
     print("no EXTERNAL= folders: external validation skipped")
+
+# %% [markdown]
+# ## Framing test: the test patients framed as other centres frame them
+# Each all-label run segments every test volume as `make predict` would (`cmr_utils.framing`): in its original
+# framing, cut to a square around the heart of 1, 1.25 and 1.5 times the heart's extent, and zero-padded to 1.5 and
+# 2 times its field of view. `framing_by_init.csv`: mean 3D Dice over RV, MYO and LV, test volumes and seeds, per
+# framing, and the worst framing's difference to the original (each framed volume scored on its own grid).
+
+# %%
+framing_scores = framing.framing_test(results[results["budget"] == "all"], profile, data, "test", device)
+framing_scores.to_csv(ws.evaluation / "framing.csv", index=False)
+framing_table = framing.framing_by_init(framing_scores)
+framing_table.to_csv(ws.table("framing_by_init.csv"), index=False)
+framing_table.style.format(precision=3).hide(axis="index")
 
 # %% [markdown]
 # ## Health check: did every model learn?

@@ -70,21 +70,20 @@ def source(prepared):
     return labelled_source(prepared)
 
 
-def ideal_probabilities(prepared, source):
-    """A perfect model at the model grid's resolution: each class's share of every model pixel."""
-    slices, manifest = prepared.slices("test"), prepared.manifest
-    probs = np.zeros((len(slices), 4, 64, 64), np.float32)
-    for vol in source.volumes(sorted(set(slices["patient"]))):
-        rows = slices.index.get_indexer(slices[(slices["patient"] == vol.patient) & (slices["phase"] == vol.phase)]
-                                        .sort_values("slice").index)
-        probs[rows] = SliceGeometry.from_manifest(manifest, *vol.label.shape[1:]).label_probabilities(vol.label)
-    return probs
+def ideal(vol, geometry):
+    """A perfect model at the model grid's resolution: each class's share of every canvas pixel."""
+    return geometry.label_probabilities(vol.label, on_canvas=True)
+
+
+def hard_labels(vol, geometry):
+    """The hard (nearest-neighbour) model-grid labels, one-hot: perfect on the model grid."""
+    return one_hot(geometry.to_model(vol.image / vol.image.max(), vol.label)[1])
 
 
 def test_native_grid_has_the_source_shape(prepared, source):
     labels = prepared.labels("test")
     seen = 0
-    for vol, rows, model_grid, native in native_predictions(prepared, source, lambda rows: one_hot(labels[rows])):
+    for vol, rows, model_grid, native in native_predictions(prepared, source, hard_labels):
         assert native.shape == vol.label.shape and native.dtype == np.uint8 and vol.spacing is not None
         assert np.array_equal(model_grid, labels[rows])
         seen += len(rows)
@@ -95,8 +94,7 @@ def test_perfect_model_scores_on_the_original_grid(prepared, source):
     """The ideal probabilities give native Dice >= 0.97 for every structure and volume, HD95 in mm, EF right;
     the hard one-hot of the prepared labels (perfect on the model grid) loses about a model pixel at each
     edge when mapped back to the finer original grid."""
-    ideal = ideal_probabilities(prepared, source)
-    scored = score_run(prepared, source, lambda rows: ideal[rows])
+    scored = score_run(prepared, source, ideal)
     pv = scored["per_volume"]
     assert list(pv.columns) == ["patient", "phase", "structure", "dice", "iou", "hd95", "hd95_unit"]
     assert len(pv) == 3 * 2 * prepared.slices("test")["patient"].nunique()
@@ -107,7 +105,7 @@ def test_perfect_model_scores_on_the_original_grid(prepared, source):
     np.testing.assert_allclose(ef["ef_pred"], ef["ef_true"], atol=1.5)
 
     labels = prepared.labels("test")
-    hard = score_run(prepared, source, lambda rows: one_hot(labels[rows]))
+    hard = score_run(prepared, source, hard_labels)
     assert hard["iou_model_grid"] == 1.0 and (hard["per_slice"]["iou"].dropna() == 1.0).all()
     assert list(hard["per_slice"].columns) == ["patient", "phase", "slice", "iou", "dice", "dice_RV", "dice_MYO",
                                                "dice_LV"]
@@ -116,9 +114,8 @@ def test_perfect_model_scores_on_the_original_grid(prepared, source):
 
 
 def test_shifted_prediction_scores_lower(prepared, source):
-    ideal = ideal_probabilities(prepared, source)
-    good = score_run(prepared, source, lambda rows: ideal[rows])["per_volume"]
-    bad = score_run(prepared, source, lambda rows: np.roll(ideal[rows], 3, axis=-1))  # 3 model px to the right
+    good = score_run(prepared, source, ideal)["per_volume"]
+    bad = score_run(prepared, source, lambda vol, g: np.roll(ideal(vol, g), 3, axis=-1))  # 3 model px to the right
     pv = bad["per_volume"]
     assert (pv["dice"].to_numpy() < good["dice"].to_numpy()).all() and bad["iou_model_grid"] < 0.9
     assert (pv["hd95"].to_numpy() > good["hd95"].to_numpy() + 3).all()  # 3 model px > 3 x 1.2 mm x 1.3

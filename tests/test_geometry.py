@@ -134,3 +134,73 @@ def test_real_acdc_within_field_of_view_and_round_trip():
         assert soft.shape == vol.label.shape
         for k in (1, 2, 3):
             assert dice(soft, vol.label, k) > 0.98, (vol.patient, vol.phase, k)
+
+
+# ---------------------------------------------------------------------------------------------- physical geometry
+def test_physical_numbers_known_answers():
+    from cmr_utils.geometry import PhysicalGeometry, canvas_window, geometry_for
+
+    g = PhysicalGeometry(200, 180, 1.5, 1.5, 2.0, 128)
+    assert g.resampled_shape == (150, 135) and g.canvas_shape == (150, 135)
+    assert g.model_spacing() == pytest.approx((2.0, 2.0))
+    small = PhysicalGeometry(100, 80, 1.0, 1.0, 2.0, 64)  # a 100 x 80 mm field: smaller than the 128 mm window
+    assert small.resampled_shape == (50, 40) and small.canvas_shape == (64, 64)
+    canvas = np.arange(150 * 135).reshape(1, 150, 135)
+    assert np.array_equal(canvas_window(canvas, 128), canvas[:, 11:139, 3:131])
+    assert isinstance(geometry_for({"geometry": "physical", "target_spacing": 2.0, "image_size": 128, "resize": "pad"},
+                                   200, 180, (8.0, 1.5, 1.5)), PhysicalGeometry)
+    # no spacing, or a manifest from before physical geometry: pixel geometry
+    assert isinstance(geometry_for({"geometry": "physical", "target_spacing": 2.0, "image_size": 128, "resize": "pad"},
+                                   200, 180, None), SliceGeometry)
+    assert isinstance(geometry_for({"image_size": 128, "resize": "pad"}, 200, 180, (8.0, 1.5, 1.5)), SliceGeometry)
+    with pytest.raises(ValueError, match="target_spacing: expected a positive number"):
+        PhysicalGeometry(10, 10, 1.0, 1.0, 0.0, 32)
+    with pytest.raises(ValueError, match="prob_stack: expected shape"):
+        g.to_native(np.zeros((2, 4, 64, 64), np.float32))
+
+
+def test_physical_geometry_sees_one_size_in_mm_whatever_the_pixel_size():
+    """A 60 mm disk imaged at 0.7 mm and at 1.8 mm per pixel covers the same number of model pixels (the disk's
+    area in mm^2 / target^2), on the training window and on the canvas, and maps back to itself."""
+    from cmr_utils.geometry import PhysicalGeometry, canvas_window
+
+    areas = []
+    for spacing in (0.7, 1.8):
+        n = round(300 / spacing)  # a 300 mm field
+        yy, xx = np.mgrid[:n, :n]
+        label = ((((yy + 0.5) * spacing - 160) ** 2 + ((xx + 0.5) * spacing - 140) ** 2) < 30 ** 2)[None]
+        label = label.astype(np.uint8) * 3
+        g = PhysicalGeometry(n, n, spacing, spacing, 2.5, 96)
+        _, window = g.to_model(label / 3.0, label)
+        areas.append(np.count_nonzero(window == 3))
+        canvas = g.label_probabilities(label, on_canvas=True)
+        assert canvas.shape[-2:] == g.canvas_shape == (120, 120)
+        assert np.allclose(canvas_window(canvas, 96), g.label_probabilities(label))
+        back = g.labels_to_native(canvas)
+        assert back.shape == label.shape and dice(back, label, 3) > 0.98
+    expected = np.pi * 30 ** 2 / 2.5 ** 2
+    assert areas == pytest.approx([expected, expected], rel=0.03)
+
+
+def test_framing_changes_the_scale_in_pixel_geometry_not_in_physical(phantom_volumes):
+    """The framing test on the phantom, without a model: the heart's area on the model's input (the canvas) in a
+    tight crop around the heart and in a field padded to twice its size, against the original framing. Physical
+    geometry keeps it within 5 % (resampling rounds the field to whole pixels); pixel geometry (the compendium before physical geometry: the scan's own field
+    of view) more than doubles the tightly cropped heart and shrinks the padded one to a quarter."""
+    from cmr_utils.framing import crop_around_heart, pad_field
+    from cmr_utils.geometry import PhysicalGeometry
+
+    def heart_area(vol, physical):
+        z, h, w = vol.label.shape
+        g = PhysicalGeometry(h, w, *vol.spacing[1:], 2.0, 64) if physical else SliceGeometry(h, w, "pad", 0.8, 64)
+        probs = g.label_probabilities(vol.label, on_canvas=True)
+        return float(probs[:, 1:].sum())
+
+    for vol in phantom_volumes[:4]:
+        framings = {"crop": crop_around_heart(vol, 1.25), "padded": pad_field(vol, 2.0)}
+        assert framings["crop"].image.shape[1] < 0.7 * vol.image.shape[1]
+        original = {True: heart_area(vol, True), False: heart_area(vol, False)}
+        for name, framed in framings.items():
+            assert heart_area(framed, True) == pytest.approx(original[True], rel=0.05), (vol.patient, name)
+        assert heart_area(framings["crop"], False) > 2 * original[False]
+        assert heart_area(framings["padded"], False) < 0.3 * original[False]

@@ -22,10 +22,15 @@ def test_paper_profile_holds_the_study_protocol():
     assert ft["epochs"] == 40 and ft["lr"] == 1e-4 and ft["freeze_below"] == 1000
     # the study's recipe exactly: Dice loss, Adam at a constant rate, flips only, the whole slice
     assert (ft["loss"], ft["optimizer"], ft["weight_decay"], ft["schedule"]) == ("dice", "adam", 0, "constant")
-    assert ft["augment"] == {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0}
+    assert ft["augment"] == AUG0
     assert p["data"]["field_of_view"] == 1.0 and p["data"]["resize"] == "pad"
     assert ft["budgets"] == ["all", 1200, 700, 500, 150] and ft["batch_size_all"] == 128
     assert ft["batch_size_budget"] == 32 and set(ft["inits"]) == {"random", "imagenet", "simsiam", "swav"}
+
+
+# finetune.augment with everything off but the study's flips
+AUG0 = {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0, "contrast": 0,
+        "brightness": 0, "noise": 0, "blur": 0}
 
 
 def mutate(path, value):
@@ -39,16 +44,36 @@ def mutate(path, value):
 
 @pytest.mark.parametrize("path,value,message", [
     (("finetune", "epochs"), "40", r"finetune.epochs: expected int, got str '40'"),
-    (("finetune", "augment"), {"flips": 1, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0},
-     r"finetune.augment.flips: expected bool, got int"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 1.0, "crop": 0, "whole_epochs": 0},
-     r"augment.gamma"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 80, "whole_epochs": 1},
+    (("finetune", "augment"), {**AUG0, "flips": 1}, r"finetune.augment.flips: expected bool, got int"),
+    (("finetune", "augment"), {**AUG0, "gamma": 1.0}, r"augment.gamma"),
+    (("finetune", "augment"), {**AUG0, "crop": 80, "whole_epochs": 1},
      r"finetune.augment.crop: expected 0 \(no crops\) or a multiple of 32 \(FPN strides\) below data.image_size"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 2},
+    (("finetune", "augment"), {**AUG0, "whole_epochs": 2},
      r"finetune.augment.whole_epochs: expected, with crops, the number of last epochs on whole slices"),
-    (("finetune", "augment"), {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0.5},
-     r"finetune.augment.whole_epochs: expected int, got float"),
+    (("finetune", "augment"), {**AUG0, "whole_epochs": 0.5}, r"finetune.augment.whole_epochs: expected int, got float"),
+    (("finetune", "augment"), {k: v for k, v in AUG0.items() if k != "blur"},
+     r"finetune.augment: missing key\(s\) \['blur'\]"),
+    (("finetune", "augment"), {**AUG0, "contrast": 0.95},
+     r"finetune.augment.contrast: expected a number in \[0, 0.9\], got 0.95"),
+    (("finetune", "augment"), {**AUG0, "brightness": -0.1},
+     r"finetune.augment.brightness: expected a number in \[0, 0.5\]"),
+    (("finetune", "augment"), {**AUG0, "noise": 0.6}, r"finetune.augment.noise: expected a number in \[0, 0.5\]"),
+    (("finetune", "augment"), {**AUG0, "blur": 3.5}, r"finetune.augment.blur: expected a number in \[0, 3\], got 3.5"),
+    (("finetune", "augment"), {**AUG0, "blur": "1"}, r"finetune.augment.blur: expected int or float, got str"),
+    (("finetune", "augment"), {**AUG0, "scale": 0.6},
+     r"finetune.augment.scale: expected a number in \[0, 0.5\] .* or a pair \[low, high\] with "
+     r"0 < low <= 1 <= high <= 2"),
+    (("finetune", "augment"), {**AUG0, "scale": [1.1, 1.4]}, r"finetune.augment.scale: .*got \[1.1, 1.4\]"),
+    (("finetune", "augment"), {**AUG0, "scale": [0.7, 2.5]}, r"finetune.augment.scale: .*got \[0.7, 2.5\]"),
+    (("finetune", "augment"), {**AUG0, "scale": [0, 1.4]}, r"finetune.augment.scale: .*got \[0, 1.4\]"),
+    (("finetune", "augment"), {**AUG0, "scale": [0.7]},
+     r"finetune.augment.scale: expected a number or a list of two numbers, got \[0.7\]"),
+    (("finetune", "augment"), {**AUG0, "scale": [0.7, "1.4"]},
+     r"finetune.augment.scale\[1\]: expected int or float, got str"),
+    (("finetune", "augment"), {**AUG0, "scale": True}, r"finetune.augment.scale: expected int or float, got bool"),
+    (("finetune", "augment"), {**AUG0, "scale": [0.7, 1.4], "contrast": 0.3, "brightness": 0.1, "noise": 0.05,
+                               "blur": 1}, None),  # the widest cross-centre recipe is valid
+    (("finetune", "augment"), {**AUG0, "scale": [1, 1]}, None),
     (("finetune", "loss"), "focal", r"finetune.loss: expected one of \['dice', 'dice_ce'\]"),
     (("finetune", "schedule"), "step", r"finetune.schedule: expected one of"),
     (("trainer", "precision"), "bf16", r"trainer.precision: expected one of"),

@@ -1,5 +1,6 @@
 """make predict's function: every layout in, NIfTI on the input's grid and volumes.csv out; the run's records read
-back; every bad input a clear error with nothing half-written; external scoring of the phantom in new layouts."""
+back; every bad input a clear error with nothing half-written; a prediction that missed the heart flagged in
+volumes.csv and on stderr; external scoring of the phantom in new layouts."""
 import hashlib
 import json
 
@@ -11,7 +12,8 @@ import pytest
 from cmr_utils import metrics
 from cmr_utils.predict_scans import main, open_run, predict_folder, predict_run
 from cmr_utils.readers import DataError, open_source
-from test_readers_layouts import heart, oblique_affine, write_mnms, write_nifti, write_pairs
+from test_plausibility import synthetic_heart
+from test_readers_layouts import SPACING_XYZ, heart, oblique_affine, write_mnms, write_nifti, write_pairs
 
 
 def oracle(vol):
@@ -41,7 +43,12 @@ def test_nifti_pairs_round_trip(tmp_path):
             assert metrics.structure_scores(got.T, truth.T)[metrics.STRUCTURES[k]]["dice"] == 1.0
     csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
     assert list(csv.columns) == ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume",
-                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef"]
+                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef", "check"]
+    # these boxes hold 10 mL of heart, too small for a real one even in 3.2 cm of stack; p02 has no labels
+    assert csv["check"].iloc[0] == ("heart (RV+MYO+LV) implausibly small: 10.1 mL, under 12.8 mL for a stack of 3.2 "
+                                    "cm; left ventricle (LV+MYO) implausibly small: 5.8 mL, under 9.6 mL for a stack "
+                                    "of 3.2 cm")
+    assert csv["check"].iloc[2] == "no heart predicted (no RV, MYO or LV voxel)"
     pd.testing.assert_frame_equal(csv, table.astype({"frame": float}), check_dtype=False)
     ed_label, es_label = heart(shift=0)[1], heart(shift=2)[1]
     voxel_ml = 1.25 * 1.5 * 8.0 / 1000
@@ -83,6 +90,7 @@ def test_sources_without_spacing_get_unit_spacing_and_a_warning(tmp_path):
     pred = nib.load(str(tmp_path / "out" / "patient001_frame01_pred.nii.gz"))
     assert np.allclose(pred.affine, np.eye(4)) and pred.shape == (20, 24, 4)
     assert set(table["volume_unit"]) == {"px"} and table["myo_mass_g"].isna().all()
+    assert (table["check"] == "ok").all()  # no spacing: the heart's share of the pixels (35%) decides
     assert table["lv_volume"].iloc[0] == (heart()[1] == 3).sum()
 
 
@@ -100,6 +108,60 @@ def test_output_rules_and_nothing_half_written(tmp_path):
     with pytest.raises(DataError, match="p02.nii.gz: expected a 3D volume"):
         predict_folder(oracle, inp, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------- plausibility
+def write_real_size_pairs(folder):
+    """p01 ED and ES with labels of a heart of realistic size (346 and 260 mL) on the fixtures' oblique grid."""
+    for phase, heart_slices in (("ED", slice(1, -1)), ("ES", slice(2, -2))):
+        label = synthetic_heart((10, 128, 128), SPACING_XYZ[::-1], heart_slices)
+        write_nifti(folder / f"p01_{phase}.nii.gz", (label * 100 + 50).astype(np.float32))
+        write_nifti(folder / f"p01_{phase}_gt.nii.gz", label)
+    return folder
+
+
+def test_a_prediction_that_misses_the_heart_is_flagged_never_silent(tmp_path, capsys):
+    inp = write_real_size_pairs(tmp_path / "in")
+    missing = "no heart predicted (no RV, MYO or LV voxel)"
+
+    def misses_es(vol):  # the model found the heart at ED, nothing at ES
+        return oracle(vol) if vol.phase == "ED" else np.zeros(vol.image.shape, np.uint8)
+
+    table = predict_folder(misses_es, inp, tmp_path / "out", progress=False)
+    csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert list(csv.columns[-2:]) == ["rv_ef", "check"] and list(csv["check"]) == ["ok", missing]
+    assert list(table["check"]) == ["ok", missing]
+    assert not np.asanyarray(nib.load(str(tmp_path / "out" / "p01_ES_pred.nii.gz")).dataobj).any()  # written
+    assert capsys.readouterr().err == f"predict: WARNING p01_ES ES: {missing}\n"  # progress off, warnings on
+
+    table = predict_folder(lambda vol: np.zeros(vol.image.shape, np.uint8), inp, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert (table["check"] == missing).all()
+    assert f"predict: WARNING p01_ED ED: {missing}\n" in err
+    assert f"predict: WARNING p01_ES ES: {missing}\n" in err
+    assert "2 of 2 frame(s) flagged implausible" in err.splitlines()[-1]
+
+    table = predict_folder(oracle, inp, tmp_path / "out")  # the ground truth: a plausible heart in both frames
+    err = capsys.readouterr().err
+    assert (pd.read_csv(tmp_path / "out" / "volumes.csv")["check"] == "ok").all() and "WARNING" not in err
+    assert err.splitlines()[-1].endswith("; all 2 frame(s) pass the plausibility check")
+
+
+def test_make_predict_exits_0_with_the_warnings(tmp_path, capsys, monkeypatch):
+    """The output is written, so the exit code stays 0; the warnings are on stderr."""
+    from cmr_utils import predict_scans
+
+    def lv_only(vol):  # a model that finds the LV cavity only
+        return np.where(oracle(vol) == 3, 3, 0).astype(np.uint8)
+
+    inp = write_real_size_pairs(tmp_path / "in")
+    monkeypatch.setattr(predict_scans, "open_run", lambda *args, **kwargs: lv_only)
+    assert main(["--run", "random-all-s0", "--input", str(inp), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "predict: WARNING p01_ED ED: no myocardium predicted\n" in err
+    assert "2 of 2 frame(s) flagged implausible" in err
+    assert (pd.read_csv(tmp_path / "out" / "volumes.csv")["check"] == "no myocardium predicted").all()
 
 
 # ---------------------------------------------------------------------------------------------- a trained run
@@ -143,7 +205,8 @@ def test_a_run_predicts_on_the_input_grid(run_workspace, tmp_path):
     # the profile's test-time flips (tiny: on), as stage 04 scores: the flip-averaged probabilities, not one pass
     from cmr_utils.inference import predict_probabilities
 
-    model_image, geometry = trained.preprocessing.to_model(next(open_source(inp).volumes()).image)
+    image, geometry = trained.preprocessing.to_model(next(open_source(inp).volumes()))
+    model_image = geometry.to_canvas(image)  # pixel geometry (a manifest without one): the model grid
     assert trained.flips is True
     assert np.allclose(probs, geometry.to_native(predict_probabilities(trained.model, model_image, flips=True)), atol=1e-6)
     assert not np.allclose(probs, geometry.to_native(predict_probabilities(trained.model, model_image)), atol=1e-4)

@@ -68,6 +68,93 @@ def test_acdc_h5_layout_z_first_ed_is_lower_frame(tmp_path, rng):
     ed, es = src.volumes()
     assert (ed.phase, ed.frame, es.phase, es.frame) == ("ED", 4, "ES", 11)
     assert ed.image.shape == (3, 16, 12) and ed.spacing is None and ed.image.mean() < es.image.mean()
+    assert not src.has_spacing and src.spacing_csv is None and es.spacing is None  # no spacing.csv anywhere
+
+
+SPACING_HEADER = "file,spacing_x_mm,spacing_y_mm,spacing_z_mm,nifti_shape_xyz\n"
+
+
+def write_h5_pair(folder, rng, pid="patient007", frames=(1, 12), shape=(3, 16, 12)):
+    """Two SSL4MIS HDF5 frames (Z, H, W) of ``pid``; returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for frame in frames:
+        with h5py.File(folder / f"{pid}_frame{frame:02d}.h5", "w") as f:
+            f["image"], f["label"] = volume(rng, shape), labels(rng, shape)
+    return [f"{pid}_frame{frame:02d}.h5" for frame in frames]
+
+
+def spacing_rows(rows):
+    return SPACING_HEADER + "".join(",".join(map(str, row)) + "\n" for row in rows)
+
+
+@pytest.mark.parametrize("where", ["beside", "one folder up"])
+def test_acdc_h5_spacing_from_csv(tmp_path, rng, where):
+    """spacing.csv gives each volume (z, y, x) = (spacing_z_mm, spacing_y_mm, spacing_x_mm); x != y checks the order."""
+    from cmr_utils.prepare import content_hash
+
+    folder = tmp_path / "ACDC" / "ACDC_training_volumes"
+    names = write_h5_pair(folder, rng, "patient007", shape=(3, 16, 12))
+    names += write_h5_pair(folder, rng, "patient009", frames=(1, 8), shape=(4, 10, 14))
+    csv_path = (folder if where == "beside" else folder.parent) / "spacing.csv"
+    shapes = ["12x16x3", "12x16x3", "14x10x4", "14x10x4"]  # W x H x Z of the (Z, H, W) arrays
+    spacings = [(1.25, 1.5, 10), (1.25, 1.5, 10), (0.7, 0.8, 5.5), (0.7, 0.8, 5.5)]  # x, y, z
+    csv_path.write_text(spacing_rows([(n, *sp, sh) for n, sp, sh in zip(names, spacings, shapes)]
+                                     + [("patient100_frame01.h5", 1, 1, 1, "1x1x1")]))  # other files' rows: ignored
+    src = open_source(folder)
+    assert src.layout == "acdc-h5" and src.has_spacing and src.spacing_csv == csv_path
+    vols = list(src.volumes())
+    assert [v.path.name for v in vols] == names
+    assert [v.spacing for v in vols] == [(10.0, 1.5, 1.25)] * 2 + [(5.5, 0.8, 0.7)] * 2
+    assert all(v.spacing == (10.0, 1.5, 1.25) for v in src.cine(["patient007"]))
+    assert src.slice_counts() == {"patient007": 6, "patient009": 8}  # unchanged by the CSV
+    files = src.files()
+    assert len(files) == 5 and files[0].resolve() == csv_path.resolve() and all(p.is_file() for p in files)
+    before = content_hash(files, src.folder)  # the manifest's hash records the CSV, wherever it lies
+    csv_path.write_text(csv_path.read_text().replace("10,12x16x3", "8,12x16x3"))
+    assert content_hash(open_source(folder).files(), folder) != before
+    assert next(open_source(folder).volumes()).spacing == (8.0, 1.5, 1.25)
+
+
+def test_acdc_h5_spacing_csv_read_once(tmp_path, rng, monkeypatch):
+    names = write_h5_pair(tmp_path, rng, "patient007") + write_h5_pair(tmp_path, rng, "patient008")
+    (tmp_path / "spacing.csv").write_text(spacing_rows([(n, 1.5, 1.5, 10, "12x16x3") for n in names]))
+    src = open_source(tmp_path)
+    opened = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert len(list(src.volumes())) == 4
+    assert sum(name.endswith("spacing.csv") for name in opened) == 1
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("file,spacing_x_mm,spacing_y_mm,nifti_shape_xyz\n{a},1.5,1.5,12x16x3\n{b},1.5,1.5,12x16x3\n",
+     r"spacing.csv: missing column\(s\) \['spacing_z_mm'\]; expected file, spacing_x_mm"),
+    (SPACING_HEADER + "{a},1.5,1.5,10,12x16x3\n",
+     r"spacing.csv: no row for 1 file\(s\) of .*: patient007_frame12.h5"),
+    (SPACING_HEADER + "{a},1.5,1.5,10,12x16x3\n{b},1.5,0,10,12x16x3\n",
+     r"spacing.csv:3: patient007_frame12.h5: spacing_y_mm must be a positive number of mm, got '0'"),
+    (SPACING_HEADER + "{a},-1.5,1.5,10,12x16x3\n{b},1.5,1.5,10,12x16x3\n",
+     r"spacing.csv:2: patient007_frame01.h5: spacing_x_mm must be a positive number of mm, got '-1.5'"),
+    (SPACING_HEADER + "{a},1.5,1.5,ten,12x16x3\n{b},1.5,1.5,10,12x16x3\n",
+     r"spacing.csv:2: patient007_frame01.h5: spacing_z_mm must be a positive number of mm, got 'ten'"),
+    (SPACING_HEADER + "{a},1.5,1.5,10,12x16x3\n{b},1.5,1.5,10,12x16\n",
+     r"spacing.csv:3: patient007_frame12.h5: nifti_shape_xyz must be three positive integers"),
+    (SPACING_HEADER + "{a},1.5,1.5,10,16x12x3\n{b},1.5,1.5,10,12x16x3\n",
+     r"spacing.csv: patient007_frame01.h5: nifti_shape_xyz 16x12x3 does not match the HDF5 array "
+     r".*patient007_frame01.h5 of shape \(Z, H, W\) \(3, 16, 12\); expected nifti_shape_xyz 12x16x3"),
+])
+def test_acdc_h5_spacing_csv_errors_name_the_csv(tmp_path, rng, rows, message):
+    a, b = write_h5_pair(tmp_path / "h5", rng, "patient007", shape=(3, 16, 12))
+    (tmp_path / "spacing.csv").write_text(rows.format(a=a, b=b))  # one folder up
+    src = open_source(tmp_path / "h5")
+    assert src.has_spacing
+    with pytest.raises(DataError, match=message):
+        list(src.volumes())
 
 
 def test_decathlon_layout(tmp_path, rng):
@@ -186,6 +273,21 @@ def test_real_acdc():
         assert set(np.unique(v.label)) <= {0, 1, 2, 3} and {1, 2, 3} <= set(np.unique(v.label))
     ed_lv, es_lv = ((v.label == 3).sum() for v in vols[:2])
     assert ed_lv > es_lv  # the LV cavity is larger at end-diastole
+
+
+def test_real_acdc_spacing():
+    """Every labelled volume has a plausible cine-MRI spacing: square pixels of 0.6-2.0 mm, slices 4-11 mm apart
+    (acdc-h5: from spacing.csv, checked against each array's shape; acdc-nifti: from the headers)."""
+    src = open_source(real_dir("CMR_ACDC_DIR"))
+    if src.layout == "acdc-h5" and not src.has_spacing:
+        pytest.skip(f"{src.folder}: no spacing.csv beside it or one folder up")
+    assert src.has_spacing
+    n, patients = 0, src.patients()
+    for v in src.volumes():
+        n += 1
+        z, y, x = v.spacing
+        assert 0.6 <= x <= 2.0 and 0.6 <= y <= 2.0 and 4 <= z <= 11 and x == y, (v.path.name, v.spacing)
+    assert n == 2 * len(patients) and (src.layout != "acdc-h5" or n == len(src.files()) - 1)
 
 
 def test_real_la2018():
