@@ -122,8 +122,8 @@ def framing_test(runs: pd.DataFrame, profile: str, data: str, split: str = "test
 
 
 def framing_by_init(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean 3D Dice (over RV, MYO, LV, volumes and seeds) per initialisation and framing, a column per framing
-    and its difference to the original framing."""
+    """Mean 3D Dice (over RV, MYO, LV, volumes and seeds) per initialisation and framing, a column per framing,
+    and the worst framing's difference to the original."""
     per_volume = scores.groupby(["init", "framing", "seed", "patient", "phase"], sort=False)["dice"].mean()
     table = per_volume.groupby(level=["init", "framing"], sort=False).mean().unstack("framing")
     table = table[list(dict.fromkeys(scores["framing"]))]

@@ -104,13 +104,16 @@ else:
 
 # %% [markdown]
 # ## Framing test: the test patients framed as other centres frame them
-# Each all-label run segments every test volume as `make predict` would (`cmr_utils.framing`): in its original
-# framing, cut to a square around the heart of 1, 1.25 and 1.5 times the heart's extent, and zero-padded to 1.5 and
-# 2 times its field of view. `framing_by_init.csv`: mean 3D Dice over RV, MYO and LV, test volumes and seeds, per
-# framing, and the worst framing's difference to the original (each framed volume scored on its own grid).
+# The all-label run of the first seed of each initialisation (the framings cost about six passes over the test
+# split) segments every test volume as `make predict` would (`cmr_utils.framing`): in its original framing, cut to a
+# square around the heart of 1, 1.25 and 1.5 times the heart's extent, and zero-padded to 1.5 and 2 times its field
+# of view. `framing_by_init.csv`: mean 3D Dice over RV, MYO and LV and the test volumes per framing, and the worst
+# framing's difference to the original (each framed volume scored on its own grid).
 
 # %%
-framing_scores = framing.framing_test(results[results["budget"] == "all"], profile, data, "test", device)
+first_seed = results["seed"].min() if len(results) else 0
+framing_runs = results[(results["budget"] == "all") & (results["seed"] == first_seed)]
+framing_scores = framing.framing_test(framing_runs, profile, data, "test", device)
 framing_scores.to_csv(ws.evaluation / "framing.csv", index=False)
 framing_table = framing.framing_by_init(framing_scores)
 framing_table.to_csv(ws.table("framing_by_init.csv"), index=False)

@@ -216,9 +216,10 @@ else:
 
 # %% [markdown]
 # ## 10 · Framing test: the test patients framed as other centres frame them
-# The all-label runs segment every test volume as `make predict` does, in its original framing, cut to a square
-# around the heart (1, 1.25 and 1.5 times its extent) and zero-padded to 1.5 and 2 times its field of view; mean
-# 3D Dice over RV, MYO and LV, test volumes and seeds, each framed volume scored on its own grid. With physical
+# The all-label run of the first seed of each initialisation segments every test volume as `make predict` does, in
+# its original framing, cut to a square around the heart (1, 1.25 and 1.5 times its extent) and zero-padded to 1.5
+# and 2 times its field of view; mean 3D Dice over RV, MYO and LV and the test volumes, each framed volume scored on
+# its own grid. With physical
 # geometry the heart is seen at its training scale in every framing; with pixel geometry (no voxel spacing) the
 # scale follows the framing.
 
