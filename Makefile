@@ -202,8 +202,8 @@ predict: $(STAMP) ## segment the scans of INPUT with run RUN into OUTPUT (NIfTI 
 	$(PY) -m cmr_utils.predict_scans --run "$(RUN)" --input "$(INPUT)" --output "$(OUTPUT)" --profile $(PROFILE) \
 		--data "$(DATA)" $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)")
 
-# make framing RUN=<init>-<budget>-s<seed> [SPLIT=val|test] [PROFILE=...] [DATA=...]: the framing test of one trained run
-# (cmr_utils/framing.py): Dice on the split's patients in their original framing, cropped around the heart and padded.
+# make framing RUN=<init>-<budget>-s<seed> [SPLIT=val|test] [PROFILE=...] [DATA=...]: the framing test of one
+# trained run (cmr_utils/framing.py): Dice on the split's patients as framed, cropped around the heart and padded.
 SPLIT ?= val
 framing: $(STAMP) ## Dice of run RUN on the SPLIT (val) patients framed as other centres frame them
 	$(PY) -m cmr_utils.framing --run "$(RUN)" --split $(SPLIT) --profile $(PROFILE) --data "$(DATA)"

@@ -11,7 +11,7 @@ per-sample Python work. What cardiac MRI segmentation usually uses, each switche
   of view);
 - ``gamma``: an intensity gamma drawn log-uniformly in [1 - g, 1 / (1 - g)] (1 - g below one brightens);
 - ``crop``: a ``crop`` x ``crop`` window at the slice's pixel size, placed uniformly at random within the
-  slice (nnU-Net-style patches; the network is fully convolutional, so inference still sees whole slices).
+  slice (nnU-Net-style patches; the network is fully convolutional, so inference still sees the whole window).
   A 96 px window of a 128 px slice is 56 % of its pixels and of a training step's arithmetic.
 - ``contrast``: each image's contrast about its mean scaled by a factor drawn in [1 - c, 1 + c] (other scanners and
   sequences, nnU-Net-style);

@@ -143,6 +143,9 @@ def native_predictions(prepared, source: Source,
                             f"{int(recorded['orig_h'].iloc[0])} x {int(recorded['orig_w'].iloc[0])}; "
                             "the source changed since stage 01; rerun it")
         seen.add(key)
+        if manifest.get("geometry") == "physical" and vol.spacing is None:
+            raise DataError(f"{vol.path}: stage 01 prepared it in physical geometry ({manifest['target_spacing']} mm) "
+                            "but it has no voxel spacing now (spacing.csv gone?); restore it, or rerun stage 01")
         geometry = geometry_for(manifest, h, w, vol.spacing)
         probabilities = np.asarray(probabilities_of(vol, geometry), dtype=np.float32)
         model_grid = canvas_window(probabilities, geometry.size).argmax(axis=1).astype(np.uint8)

@@ -9,7 +9,7 @@ framings that occur in practice (``FRAMINGS``) and scores a segmenter on each be
 - ``padded k× field``: the slice zero-padded around to k times its height and width: a wider field of view.
 
 Each framed volume keeps its voxel spacing; the segmenter sees it as a new scan (``TrainedRun.segment``: the
-run's preprocessing, a sliding window over fields larger than the training window) and is scored with ACDC's
+run's preprocessing, the heart located first in fields larger than the training window) and is scored with ACDC's
 3D Dice on the framed volume's own grid. ``python -m cmr_utils.framing`` (``make framing``) runs it for one run
 on the validation or test patients of its workspace.
 """
@@ -115,6 +115,9 @@ def framing_test(runs: pd.DataFrame, profile: str, data: str, split: str = "test
     patient, phase and structure."""
     from .predict_scans import open_run
 
+    if runs.empty:
+        return pd.DataFrame(columns=["framing", "patient", "phase", "structure", "shape", "dice", "run", "init",
+                                     "budget", "seed"])
     volumes = list(split_volumes(profile, data, split))
     scores = [framing_scores(open_run(run.name, profile, data, device=device).segment, volumes)
               .assign(run=run.name, init=run.init, budget=run.budget, seed=run.seed) for run in runs.itertuples()]
@@ -124,6 +127,8 @@ def framing_test(runs: pd.DataFrame, profile: str, data: str, split: str = "test
 def framing_by_init(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean 3D Dice (over RV, MYO, LV, volumes and seeds) per initialisation and framing, a column per framing,
     and the worst framing's difference to the original."""
+    if scores.empty:
+        return pd.DataFrame(columns=["init", *FRAMINGS, "worst vs original"])
     per_volume = scores.groupby(["init", "framing", "seed", "patient", "phase"], sort=False)["dice"].mean()
     table = per_volume.groupby(level=["init", "framing"], sort=False).mean().unstack("framing")
     table = table[list(dict.fromkeys(scores["framing"]))]

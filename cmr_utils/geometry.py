@@ -333,6 +333,8 @@ def geometry_for(record: dict, orig_h: int, orig_w: int, spacing=None):
     of ``spacing`` (z, y, x) mm: physical where the manifest says so and the slice has spacing, pixel
     geometry otherwise (manifests from before physical geometry: pixel)."""
     if record.get("geometry", "pixel") == "physical" and spacing is not None:
+        if not isinstance(record.get("target_spacing"), (int, float)):
+            raise ValueError(f"the geometry record says physical but has no target_spacing in mm: {record}")
         _, sy, sx = (float(v) for v in spacing)
         return PhysicalGeometry(int(orig_h), int(orig_w), sy, sx, float(record["target_spacing"]),
                                 int(record["image_size"]))

@@ -14,7 +14,6 @@ uint8 (0 background, 1 RV, 2 MYO, 3 LV).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -161,7 +160,6 @@ def predict_probabilities(model: nn.Module, images, batch_size: int = 16, flips:
             bf16))
         total = probs if total is None else total + probs
     return total / len(FLIPS)
-
 
 
 def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray, tuple[slice, slice]]:

@@ -151,7 +151,7 @@ def validate(params: dict, source: str = "parameters") -> dict:
         raise ParameterError(f"{source}: pretrain.image_size: expected at least 32 and at most data.image_size "
                              f"({params['data']['image_size']}), got {params['pretrain']['image_size']}")
     target = params["data"]["target_spacing"]
-    if target != "auto" and (isinstance(target, (bool, str)) or not target > 0):
+    if target != "auto" and (isinstance(target, (bool, str)) or not 0 < target < float("inf")):
         raise ParameterError(f"{source}: data.target_spacing: expected 'auto' (from the training data) or a positive "
                              f"number of mm, got {target!r}")
     fov = params["data"]["field_of_view"]
@@ -166,8 +166,8 @@ def validate(params: dict, source: str = "parameters") -> dict:
     scale = aug["scale"]
     if not (0 < scale[0] <= 1 <= scale[1] <= 2 if isinstance(scale, list) else 0 <= scale <= 0.5):
         raise ParameterError(f"{source}: finetune.augment.scale: expected a number in [0, 0.5] (zoom in "
-                             f"[1 - s, 1 + s]) or a pair [low, high] with 0 < low <= 1 <= high <= 2 (zoom log-uniform), "
-                             f"got {scale!r}")
+                             f"[1 - s, 1 + s]) or a pair [low, high] with 0 < low <= 1 <= high <= 2 (zoom "
+                             f"log-uniform), got {scale!r}")
     size, crop, whole = params["data"]["image_size"], aug["crop"], aug["whole_epochs"]
     if crop and (crop < 32 or crop % 32 or crop >= size):
         raise ParameterError(f"{source}: finetune.augment.crop: expected 0 (no crops) or a multiple of 32 (FPN strides) "

@@ -22,11 +22,11 @@ progress only), and the summary line counts the flagged frames.
 **The run's preprocessing is read back, not re-typed.** Stage 01 put every slice on the model's grid
 (``cmr_utils.geometry``: physical geometry — resampled to the manifest's ``target_spacing`` mm, so a scan of any
 pixel size or framing is seen at the training scale, padded, the heart located first in a wider field — or,
-without spacing,
-pixel geometry: ``resize``, ``field_of_view``, ``image_size``) and normalised each volume to [0, 1] between its 1st and 99th intensity percentiles
-(``cmr_utils.prepare.normalise_volume``'s defaults, which stage 01 uses). A run records the SHA-256 of the
-manifest it was trained on (``result.json``: ``data_manifest_sha256``); the manifest is used only if it is
-still that file, and a ``preprocessing`` record in ``result.json`` takes precedence when a run has one.
+without spacing, pixel geometry: ``resize``, ``field_of_view``, ``image_size``) and normalised each volume to
+[0, 1] between its 1st and 99th intensity percentiles (``cmr_utils.prepare.normalise_volume``'s defaults, which
+stage 01 uses). Stage 03 writes that as the ``preprocessing`` record of the run's ``result.json``, so that the
+run folder alone predicts; runs from before that record are read from the manifest they were trained on (its
+SHA-256 is ``result.json``'s ``data_manifest_sha256``), used only if it is still that file.
 Each cine frame is normalised on its own, as a labelled volume was in training.
 
 Nothing is written until every scan is predicted: the outputs are made in a temporary sibling folder and

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +107,14 @@ def _slice_rows(vol: CardiacVolume, geometry) -> list[dict]:
                  orig_h=h, orig_w=w) for k in range(z)]
 
 
-def auto_target_spacing(volumes, image_size: int, margin: float = WINDOW_MARGIN) -> float:
+def auto_target_spacing(volumes, image_size: int, margin: float = WINDOW_MARGIN, where: str = "") -> float:
     """Target spacing (mm, 3 decimals) at which a centred ``image_size`` window holds every labelled pixel of
     ``volumes`` (with spacing) with ``margin``: margin * 2 * the largest half extent / image_size."""
     half = max((heart_half_extent_mm(v.label, v.spacing[1:]) for v in volumes
                 if v.label is not None and v.spacing is not None), default=0.0)
     if half <= 0:
-        raise DataError("data.target_spacing: auto needs labelled training volumes with voxel spacing; none has "
-                        "a labelled pixel (give data.target_spacing in mm)")
+        raise DataError(f"{where or 'the training volumes'}: data.target_spacing: auto needs labelled training volumes "
+                        "with voxel spacing; none has a labelled pixel (give data.target_spacing in mm)")
     return round(margin * 2 * half / image_size, 3)
 
 
@@ -163,7 +165,8 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
     SliceGeometry(1, 1, resize, field_of_view, image_size)  # fails early on a bad mode or field of view
     if geometry not in GEOMETRIES:
         raise ValueError(f"data.geometry: expected one of {GEOMETRIES}, got {geometry!r}")
-    if target_spacing != "auto" and not (isinstance(target_spacing, (int, float)) and target_spacing > 0):
+    if target_spacing != "auto" and (isinstance(target_spacing, bool) or not isinstance(target_spacing, (int, float))
+                                     or not 0 < target_spacing < math.inf):
         raise ValueError(f"data.target_spacing: expected 'auto' or a positive number of mm, got {target_spacing!r}")
     if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
         raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
@@ -175,10 +178,15 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         groups = {p: labelled.group(p) for p in patients}
         split = split_patients(patients, split_fractions, split_seed, groups)
         split_of = {p: s for s, members in split.items() for p in members}
-        if geometry == "physical" and not labelled.has_spacing:
-            geometry = "pixel"  # the model's scale must come from the labelled source: without spacing, pixels
+        if geometry == "physical" and not labelled.has_spacing:  # the model's scale comes from the labelled source
+            geometry = "pixel"
+            message = (f"{labelled.folder}: data.geometry is physical, but the {labelled.layout} files carry no voxel "
+                       "spacing: pixel geometry (each scan seen relative to its own field of view; "
+                       "data.target_spacing unused)")
+            warnings.warn(message, stacklevel=2)
         if geometry == "physical" and target_spacing == "auto":
-            target_spacing = auto_target_spacing(labelled.volumes(split["train"]), image_size)
+            target_spacing = auto_target_spacing(labelled.volumes(split["train"]), image_size,
+                                                 where=str(labelled.folder))
         records = {id(s): geometry_record(s, geometry=geometry, image_size=image_size, resize=resize,
                                           field_of_view=field_of_view,
                                           target_spacing=None if target_spacing == "auto" else float(target_spacing))

@@ -154,10 +154,13 @@ def _augment(augment: dict) -> str:
 
 def _input(data: dict) -> str:
     fov, size = float(data["field_of_view"]), int(data["image_size"])
-    if data.get("geometry") == "physical" and isinstance(data.get("target_spacing"), (int, float)):
-        spacing = float(data["target_spacing"])
-        return (f"each slice resampled to {_number(spacing)} mm per pixel, a {size} px window of "
-                f"{_number(round(spacing * size))} mm (whole fields, by a sliding window, at inference)")
+    if data.get("geometry") == "physical":
+        spacing = data.get("target_spacing")
+        if not isinstance(spacing, (int, float)) or isinstance(spacing, bool):  # a profile's 'auto', no manifest
+            return (f"each slice resampled to one spacing in mm chosen from the training hearts, a {size} px window "
+                    "(the heart located first in wider fields at inference)")
+        return (f"each slice resampled to {_number(float(spacing))} mm per pixel, a {size} px window of "
+                f"{_number(round(float(spacing) * size))} mm (the heart located first in wider fields at inference)")
     if data["resize"] == "pad":
         kept = "the whole slice, padded to a square" if fov >= 1 else \
             f"the slice padded to a square, central {_number(100 * fov)} % kept"
@@ -256,6 +259,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
     loss = {"dice": "Dice loss", "dice_ce": "Dice + cross-entropy loss"}.get(recipe["loss"], recipe["loss"])
     geometry = {**params["data"], **{k: data[k] for k in ("image_size", "resize", "field_of_view", "geometry",
                                                           "target_spacing") if data and k in data}}
+    if data:  # what stage 01 did; a manifest from before physical geometry used pixel geometry
+        geometry["geometry"] = data.get("geometry", "pixel")
     name = f" (profile {profile})" if profile else ""
     epochs = f"{_number(ft['epochs'])} epoch{'' if ft['epochs'] == 1 else 's'}"
     if ft["epochs_budget"] != ft["epochs"]:

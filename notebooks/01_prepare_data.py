@@ -25,10 +25,10 @@
 # (`physical`): the heart then has the same size in model pixels whatever the scanner's pixel size or field of view,
 # and a scan framed tightly around the heart is padded, a wide thorax searched for the heart first, at inference.
 # `data.target_spacing: auto` picks the spacing at which that window holds every training heart (measured from the
-# slice's centre) with 10 % to spare. Sources without spacing (the LA2018 HDF5 files; ACDC's HDF5 files without their `spacing.csv`)
-# keep pixel geometry: made square (`data.resize`), cut to the central `data.field_of_view` of the square and
-# resized, so a scan is seen relative to its own field of view. The log below says which geometry each source got;
-# stage 04 maps predictions back through the same rule to score them on each volume's original grid.
+# slice's centre) with 10 % to spare. Sources without spacing (the LA2018 HDF5 files; ACDC's HDF5 files without
+# their `spacing.csv`) keep pixel geometry: made square (`data.resize`), cut to the central `data.field_of_view` of
+# the square and resized, so a scan is seen relative to its own field of view. The log below says which geometry
+# each source got; stage 04 maps predictions back through the same rule to score them on each volume's original grid.
 
 # %% tags=["parameters"]
 profile = "default"

@@ -17,9 +17,9 @@
 #
 # **Two grids.** Every test volume is predicted as a new scan is (`cmr_utils.inference.predict_volume`: in physical
 # geometry the whole field at the training spacing; where it is larger than the training window, the heart is
-# located in it first and the window around it predicted). 3D metrics on each volume's original grid: predictions are mapped back and compared with the original
-# labels, as the ACDC challenge does; the study's IoU is on the model's grid (the training window of the same
-# prediction against the prepared test labels, `data.image_size` px, e.g. 128 px).
+# located in it first and the window around it predicted). 3D metrics on each volume's original grid: predictions
+# are mapped back and compared with the original labels, as the ACDC challenge does; the study's IoU is on the
+# model's grid (the training window of the same prediction against the prepared test labels, `data.image_size` px, e.g. 128 px).
 # **The study's statistic** ("IoU", column `test_iou_model_grid`) is the intersection over union of the three
 # foreground classes as segmentation-models-pytorch computes it with `reduction="micro"`: true positives, false
 # positives and false negatives are summed over every test slice and over RV, MYO and LV, then

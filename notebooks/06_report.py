@@ -51,7 +51,8 @@ def figure(name, alt=None):
     plots.show_figure(ws.figures / name, alt)
 
 
-sources = ", ".join(f"{s['layout']} ({s['patients']} patients, {s['role']})" for s in manifest["sources"])
+sources = ", ".join(f"{s['layout']} ({s['patients']} patients, {s['role']}, {s.get('geometry', 'pixel')} geometry)"
+                    for s in manifest["sources"])
 display(Markdown(f"**Profile** `{profile}` · **data** {sources} · **geometry** {describe_geometry(manifest)}"))
 
 # %% [markdown]

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 
 from cmr_utils.evaluate import (ef_agreement_table, evaluate_run, labelled_source, native_predictions,
-                                score_predictions, score_run)
-from cmr_utils.geometry import SliceGeometry, one_hot
+                                score_predictions, score_run, score_volume)
+from cmr_utils.geometry import one_hot
 from cmr_utils.inference import predict_probabilities
 from cmr_utils.prepare import Prepared, prepare_dataset
-from cmr_utils.readers import open_source
+from cmr_utils.readers import DataError, open_source
 
 
 def two_volumes():
@@ -130,11 +130,46 @@ def test_evaluate_run_with_a_saved_model(prepared, tmp_path, one_thread):
     model = build_segmentation_model("random").eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
     images = prepared.images("test")
-    probs = predict_probabilities(model, images[:3], batch_size=2)
-    assert probs.shape == (3, 4, 64, 64) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     scored = evaluate_run(tmp_path, prepared)  # the source is the one named in the manifest
     assert len(scored["per_slice"]) == len(images) and 0 <= scored["iou_model_grid"] <= 1
     assert set(scored["per_volume"]["hd95_unit"]) == {"mm"} and scored["per_volume"]["dice"].between(0, 1).all()
+    # stage 04 predicts each volume as make predict does: the same labels as predict_volume of the source volume
+    from cmr_utils.geometry import geometry_for
+    from cmr_utils.inference import predict_volume
+    from cmr_utils.prepare import normalise_volume
+
+    vol = next(labelled_source(prepared).volumes([scored["per_volume"]["patient"].iloc[0]]))
+    geometry = geometry_for(prepared.manifest, *vol.image.shape[1:], vol.spacing)
+    native = geometry.labels_to_native(predict_volume(model, normalise_volume(vol.image), geometry))
+    again = score_volume(vol.patient, vol.phase, native, vol.label, vol.spacing)[0]
+    first = scored["per_volume"].query("patient == @vol.patient and phase == @vol.phase")
+    np.testing.assert_allclose(first["dice"], [r["dice"] for r in again], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def prepared_physical(phantom_sources, tmp_path_factory):
+    """The phantom prepared as the CPU profiles do: physical geometry, the spacing chosen from the training hearts."""
+    out = tmp_path_factory.mktemp("prep-eval-mm") / "prepared"
+    prepare_dataset([open_source(p) for p in phantom_sources], out, image_size=64, resize="pad",
+                    split_fractions=(0.5, 0.25, 0.25), split_seed=0, field_of_view=0.8, geometry="physical")
+    return Prepared.open(out)
+
+
+def test_perfect_model_scores_in_physical_geometry(prepared_physical):
+    """In physical geometry a perfect model at the target spacing (on the whole canvas) scores native Dice >= 0.95
+    for every structure; its training window is the prepared labels' (hard labels on the model grid: IoU 1); a
+    volume that lost its spacing since stage 01 is an error, never scored in another geometry."""
+    prepared = prepared_physical
+    assert prepared.manifest["geometry"] == "physical"
+    source = labelled_source(prepared)
+    scored = score_run(prepared, source, ideal)
+    assert (scored["per_volume"]["dice"] >= 0.95).all(), scored["per_volume"].groupby("structure")["dice"].min()
+    hard = score_run(prepared, source, lambda vol, g: one_hot(g.to_model(vol.image / vol.image.max(), vol.label)[1]))
+    assert hard["iou_model_grid"] == 1.0
+    volumes = source.volumes
+    source.volumes = lambda patients=None: (v.__class__(**{**v.__dict__, "spacing": None}) for v in volumes(patients))
+    with pytest.raises(DataError, match="prepared it in physical geometry .* but it has no voxel spacing now"):
+        score_run(prepared, source, ideal)
 
 
 def test_predict_probabilities_is_the_softmax_of_predict_and_checks_its_input(one_thread):

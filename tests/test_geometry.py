@@ -185,8 +185,8 @@ def test_physical_geometry_sees_one_size_in_mm_whatever_the_pixel_size():
 def test_framing_changes_the_scale_in_pixel_geometry_not_in_physical(phantom_volumes):
     """The framing test on the phantom, without a model: the heart's area on the model's input (the canvas) in a
     tight crop around the heart and in a field padded to twice its size, against the original framing. Physical
-    geometry keeps it within 5 % (resampling rounds the field to whole pixels); pixel geometry (the compendium before physical geometry: the scan's own field
-    of view) more than doubles the tightly cropped heart and shrinks the padded one to a quarter."""
+    geometry keeps it within 5 % (resampling rounds the field to whole pixels); pixel geometry (the compendium before
+    physical geometry: the scan's own field of view) more than doubles the tightly cropped heart and shrinks the padded one to a quarter."""
     from cmr_utils.framing import crop_around_heart, pad_field
     from cmr_utils.geometry import PhysicalGeometry
 

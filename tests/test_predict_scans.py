@@ -261,3 +261,63 @@ def test_phantom_in_new_layouts_scores_as_the_test_split(phantom_sources, tmp_pa
     assert np.allclose(cross[cross["dataset"] != "internal test"]["mean"], 1.0)
     np.testing.assert_allclose(drop["drop"], 0.1)
     assert (drop["ci_low"] <= 0.1 + 1e-9).all() and (drop["ci_high"] >= 0.1 - 1e-9).all()
+
+
+@pytest.fixture(scope="module")
+def physical_run(tmp_path_factory):
+    """A run trained in physical geometry (2.0 mm, a 32 px window), as stage 03 now leaves it: its result.json
+    carries the preprocessing, so the run predicts with the prepared data gone."""
+    import torch
+
+    from cmr_utils.models import build_segmentation_model
+    from cmr_utils.paths import workspace
+
+    data = str(tmp_path_factory.mktemp("physical-data"))
+    ws = workspace("tiny", data)
+    run_dir = ws.finetune_dir("random-all-s0")
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_segmentation_model("random").state_dict(), run_dir / "model.pt")
+    preprocessing = {"image_size": 32, "resize": "pad", "field_of_view": 0.8, "normalise_low": 1.0,
+                     "normalise_high": 99.0, "geometry": "physical", "target_spacing": 2.0}
+    (run_dir / "result.json").write_text(json.dumps({"status": "ok", "preprocessing": preprocessing}))
+    return data
+
+
+def test_a_physical_run_sees_every_framing_at_its_training_scale(physical_run, tmp_path):
+    """No prepared manifest exists: the run's own record says physical geometry at 2.0 mm. A scan of 1.25 x 1.5
+    mm pixels is predicted on its canvas at 2.0 mm (padded to the 32 px window where smaller) and mapped back to its
+    own grid; a source without spacing falls back to pixel geometry with a warning that says why that is risky."""
+    import h5py
+
+    from cmr_utils.geometry import PhysicalGeometry
+    from cmr_utils.inference import predict_volume
+    from cmr_utils.prepare import normalise_volume
+
+    trained = open_run("random-all-s0", "tiny", physical_run)
+    assert (trained.preprocessing.geometry, trained.preprocessing.target_spacing) == ("physical", 2.0)
+    vol = next(open_source(write_pairs(tmp_path / "in")).volumes())  # 24 x 20 px of 1.5 x 1.25 mm: 36 x 25 mm
+    image, geometry = trained.preprocessing.to_model(vol)
+    assert isinstance(geometry, PhysicalGeometry) and geometry.canvas_shape == (32, 32)
+    assert geometry.resampled_shape == (18, 12)  # 36 mm / 2 mm, 25 mm / 2 mm
+    probs = trained.probabilities(vol)
+    assert probs.shape == (4, 4, 24, 20) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    expected = geometry.to_native(predict_volume(trained.model, normalise_volume(vol.image), geometry, flips=True))
+    assert np.allclose(probs, expected, atol=1e-6)
+    from cmr_utils.framing import pad_field
+
+    wide = pad_field(vol, 4.0)  # 144 x 100 mm: a canvas of 72 x 50 px, larger than the window: the heart located first
+    image, geometry = trained.preprocessing.to_model(wide)
+    assert geometry.canvas_shape == (72, 50)
+    probs = trained.probabilities(wide)
+    assert probs.shape == (4, 4, 96, 80) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs[:, 0] == 1).mean() >= 1 - (32 * 32) / (72 * 50) - 0.05  # background outside the one window
+    inp = tmp_path / "h5"
+    inp.mkdir()
+    with h5py.File(inp / "patient001_frame01.h5", "w") as f:
+        f["image"], f["label"] = heart()
+    with h5py.File(inp / "patient001_frame09.h5", "w") as f:
+        f["image"], f["label"] = heart()
+    h5_vol = next(open_source(inp).volumes())
+    with pytest.warns(UserWarning, match="no voxel spacing; this run was trained at 2.0 mm per pixel"):
+        assert trained.segment(h5_vol).shape == h5_vol.image.shape

@@ -154,3 +154,56 @@ def test_real_acdc_preparation_subset(tmp_path):
     table = summary_table(prepared)
     assert table.loc[["train", "val", "test"], "patients"].sum() == 6
     assert (table.loc[["train", "val", "test"], ["RV", "MYO", "LV"]] > 0.001).all().all()
+
+
+def test_physical_preparation_resamples_to_the_chosen_spacing(phantom_sources, tmp_path):
+    """geometry='physical' with target_spacing='auto': the spacing at which a centred 32 px window holds every
+    training heart with 10 % to spare (recomputed here from the training volumes), recorded in the manifest,
+    every slice's model spacing that spacing, every training label kept whole in its window; a source without
+    spacing in the same preparation keeps pixel geometry and the log says so."""
+    from cmr_utils.geometry import PhysicalGeometry, heart_half_extent_mm
+    from cmr_utils.prepare import WINDOW_MARGIN
+
+    sources = [open_source(p) for p in phantom_sources]
+    no_spacing = open_source(phantom_sources[1])
+    no_spacing.has_spacing = False
+    volumes = no_spacing.volumes
+    no_spacing.volumes = lambda patients=None: (v.__class__(**{**v.__dict__, "spacing": None})
+                                                for v in volumes(patients))
+    cine = no_spacing.cine
+    no_spacing.cine = lambda patients=None: (v.__class__(**{**v.__dict__, "spacing": None}) for v in cine(patients))
+    lines = []
+    manifest = prepare_dataset([sources[0], no_spacing], tmp_path / "p", image_size=32, resize="pad",
+                               split_fractions=(0.5, 0.25, 0.25), split_seed=0, field_of_view=0.8,
+                               geometry="physical", target_spacing="auto", log=lines.append)
+    prepared = Prepared.open(tmp_path / "p")
+    train = prepared.split_table().query("split == 'train'")["patient"].tolist()
+    half = max(heart_half_extent_mm(v.label, v.spacing[1:]) for v in sources[0].volumes(train))
+    assert manifest["geometry"] == "physical" and manifest["target_spacing"] == round(WINDOW_MARGIN * 2 * half / 32, 3)
+    assert manifest["window_mm"] == pytest.approx(32 * manifest["target_spacing"], abs=0.1)
+    assert [s["geometry"] for s in manifest["sources"]] == ["physical", "pixel"]
+    assert "physical geometry: resampled to" in lines[0] and "pixel geometry" in lines[1]
+    t = manifest["target_spacing"]
+    for name in ("train", "val", "test"):
+        slices = prepared.slices(name)
+        np.testing.assert_allclose(slices[["spacing_y", "spacing_x"]], t, rtol=0.03)  # up to whole-pixel rounding
+    for vol in sources[0].volumes(train):  # the window holds every training heart: no label lost
+        g = PhysicalGeometry(*vol.label.shape[1:], *vol.spacing[1:], t, 32)
+        full = g.label_probabilities(vol.label, on_canvas=True)[:, 1:].sum()
+        assert g.label_probabilities(vol.label)[:, 1:].sum() == pytest.approx(float(full), rel=1e-5)
+    labelled = open_source(phantom_sources[0])  # a labelled source without spacing: pixel geometry throughout
+    labelled.has_spacing = False
+    volumes0 = labelled.volumes
+    labelled.volumes = lambda patients=None: (v.__class__(**{**v.__dict__, "spacing": None})
+                                              for v in volumes0(patients))
+    with pytest.warns(UserWarning, match="data.geometry is physical, but the acdc-nifti files carry no voxel spacing"):
+        manifest = prepare_dataset([labelled], tmp_path / "r", image_size=32, resize="pad",
+                                   split_fractions=(0.5, 0.25, 0.25), split_seed=0, field_of_view=0.8,
+                                   geometry="physical", log=lines.append)
+    assert manifest["geometry"] == "pixel" and "target_spacing" not in manifest  # the labelled source decides
+    with pytest.raises(ValueError, match="data.geometry"):
+        prepare_dataset(sources, tmp_path / "s", image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                        split_seed=0, geometry="mm")
+    with pytest.raises(ValueError, match="data.target_spacing"):
+        prepare_dataset(sources, tmp_path / "s", image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                        split_seed=0, geometry="physical", target_spacing=-1)

@@ -43,7 +43,8 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
                   "one-epoch linear warm-up then cosine decay per step", "batch 8 (all labels) / 4 (budgets)",
                   "flips, rotations up to ±15°, scaling ±10 %, gamma 0.7–1.43, random 96 px crops at the slices' pixel "
                   "size in every epoch but the last 7 of runs that train the encoder",
-                  "the slice padded to a square, central 75 % kept, resized to 128 px", "14 epochs with all labels / 20 with a label budget",
+                  "each slice resampled to one spacing in mm chosen from the training hearts, a 128 px window",
+                  "14 epochs with all labels / 20 with a label budget",
                   "(validated, and the model selected, every 2 / 4 epochs)",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "test predictions: the mean probabilities over each slice and its three flips",
@@ -63,6 +64,12 @@ def test_the_runs_recorded_recipe_and_the_prepared_geometry_win(paper):
     assert "Dice loss" in text and "flips only" in text and "96 px" in text
     assert "the slice's central square (cropped to its shorter side), resized to 96 px" in text
     assert "differs from the profile's now: stage 03 is out of date" in text
+    physical = {"image_size": 128, "resize": "pad", "field_of_view": 0.75, "geometry": "physical",
+                "target_spacing": 2.31, "window_mm": 295.7}
+    text = describe_recipe(params, [result(params)], data=physical, study=paper)
+    assert ("each slice resampled to 2.31 mm per pixel, a 128 px window of 296 mm (the heart located first in wider "
+            "fields at inference)") in text
+    assert "geometry" in text.split("it differs in")[1].split(".")[0]  # the study resized whole slices
 
 
 def test_disagreeing_runs_and_mixed_precision_are_reported(paper):
