@@ -174,31 +174,37 @@ def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray,
 
 
 def heart_window(foreground: np.ndarray, window: int) -> tuple[int, int]:
-    """Top-left (y, x) of the ``window`` x ``window`` square centred on the bounding box of the largest 3D
-    connected component of ``foreground`` (Z, H, W), moved inside the field; the field's centre without one."""
+    """Top-left (y, x) of the ``window`` x ``window`` square to predict in a field (Z, H, W) at least that large:
+    the field's centre (where training windows sit), moved only as far as it takes to hold the bounding box of the
+    largest 3D connected component of ``foreground`` (centred on the box where the box is larger than the window),
+    and kept inside the field. Without foreground, the centre."""
     from scipy import ndimage
 
     _, h, w = foreground.shape
+    y, x = (h - window) // 2, (w - window) // 2
     components, n = ndimage.label(foreground)
     if n:
         sizes = np.bincount(components.ravel())[1:]
         _, ys, xs = np.nonzero(components == 1 + int(sizes.argmax()))
-        cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
-    else:
-        cy, cx = h / 2, w / 2
-    return (int(np.clip(round(cy - window / 2), 0, h - window)), int(np.clip(round(cx - window / 2), 0, w - window)))
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        y = (y0 + y1 - window) // 2 if y1 - y0 > window else min(max(y, y1 - window), y0)
+        x = (x0 + x1 - window) // 2 if x1 - x0 > window else min(max(x, x1 - window), x0)
+    return int(np.clip(y, 0, h - window)), int(np.clip(x, 0, w - window))
 
 
 def predict_field(model: nn.Module, images, window: int, batch_size: int = 16, flips: bool = False,
                   bf16: bool = False) -> np.ndarray:
     """Softmax probabilities (N, C, H, W) of the slices (N, H, W) of one volume whose field is at least ``window``
     pixels each way, the heart located first: the whole field in one pass (fully convolutional, no flips) finds
-    the heart (``heart_window``), then the ``window`` x ``window`` square around it is predicted as in training
-    (with ``flips`` where asked); outside it, background. A field of exactly ``window`` pixels is that square.
+    the heart, the centred ``window`` x ``window`` square is moved as far as it takes to hold it
+    (``heart_window``) and predicted as in training (with ``flips`` where asked); outside it, background. A field
+    of exactly ``window`` pixels is that square.
 
     Why not a sliding window: on the ACDC validation split, the whole field tiled with Gaussian-weighted windows
-    (nnU-Net's) scored 0.854 on the original scans and 0.822 padded to twice their field, the heart located first
-    0.860 and 0.853 (``docs/geometry.md``): tiles that cut the heart at their edge see it unlike training."""
+    (nnU-Net's) scored 0.854 on the original scans and 0.822 padded to twice their field, this 0.861 and 0.857
+    (``docs/geometry.md``): tiles that cut the heart at their edge see it unlike training. Why not the window
+    centred on the heart: a weak model's whole-field pass misplaces it (a frozen random encoder at 150 slices:
+    0.508 against 0.613 with this)."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 3 or len(images) == 0 or min(images.shape[1:]) < window:
         raise ValueError(f"images must have shape (N, H, W) with N >= 1 and H, W >= {window}, got {images.shape}")

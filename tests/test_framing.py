@@ -10,10 +10,16 @@ from cmr_utils.readers import CardiacVolume, DataError
 
 def test_heart_window_known_answers():
     fg = np.zeros((3, 100, 120), bool)
-    fg[1:3, 60:80, 90:110] = True  # the heart: centre (70, 100)
+    fg[1:3, 60:80, 90:110] = True  # the heart: rows 60-80, columns 90-110
     fg[0, 5:7, 5:7] = True  # a small false positive elsewhere
-    assert heart_window(fg, 40) == (50, 80)  # centred on the largest component, inside the field
-    assert heart_window(fg, 64) == (36, 56)  # moved back inside the field (x: 100 - 32 = 68 > 120 - 64)
+    assert heart_window(fg, 40) == (40, 70)  # the centred window (30, 40) moved just enough to hold the heart
+    assert heart_window(fg, 64) == (18, 46)  # centred (18, 28) already holds rows 60-80; columns moved to end at 110
+    centred = np.zeros((2, 100, 120), bool)
+    centred[:, 40:60, 50:70] = True
+    assert heart_window(centred, 40) == (30, 40)  # a heart inside the centred window: it stays where training put it
+    wide = np.zeros((1, 100, 120), bool)
+    wide[0, 10:90, 20:40] = True  # taller than the window: centred on the heart's box
+    assert heart_window(wide, 40) == (30, 20)  # and moved across to hold columns 20-40
     assert heart_window(np.zeros((2, 100, 120), bool), 40) == (30, 40)  # no heart: the field's centre
 
 
@@ -32,7 +38,7 @@ def test_predict_field_locates_the_heart_and_predicts_its_window():
     assert probs.shape == (2, 4, 150, 201) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert np.array_equal(probs.argmax(1) == 3, images > 0.5)  # the heart was inside the predicted window
     y, x = heart_window(images > 0.5, 64)
-    assert (y, x) == (78, 133)
+    assert (y, x) == (56, 116)  # the centred window (43, 68), moved to hold rows 100-120 and columns 150-180
     outside = np.ones((150, 201), bool)
     outside[y:y + 64, x:x + 64] = False
     assert (probs[:, 0][:, outside] == 1).all()  # background outside the window, as trained
