@@ -122,7 +122,7 @@ $(NB)/%.ipynb: notebooks/%.py $(STAMP)
 	@$(PY) -m jupytext --quiet --to ipynb -o $@.tmp.ipynb $< && mv $@.tmp.ipynb $@
 
 prepare: $(PREP) ## stage 01: patient-level splits and slice sets
-pretrain: $(PRETRAIN) ## stage 02: SimSiam and SwAV pretraining
+pretrain: $(PRETRAIN) ## stage 02: self-supervised pretraining, one run per method of pretrain.methods
 finetune: $(FINETUNE) ## stage 03: the fine-tuning sweep (init x budget x seed)
 run: $(addprefix $(EXE)/03_finetune-,$(addsuffix .ipynb,$(RUN))) ## stage 03 for the runs named in RUN="..." only (and the stages they need)
 evaluate: $(EVALUATE) ## stage 04: test-set evaluation, ACDC metrics, statistics across seeds
@@ -138,7 +138,7 @@ $(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: $(NB)/02_pretrain.ipynb $(PREP) $(LIB)
 	$(call papermill,02_pretrain,-p method $*,pretraining $(call position,$*,$(METHODS)) of $(words $(METHODS)))
 
 # an SSL-initialised run also waits for (and re-runs after) its method's pretraining
-ssl_prereq = $(if $(filter simsiam swav,$(firstword $(subst -, ,$(1)))),$(EXE)/02_pretrain-$(firstword $(subst -, ,$(1))).ipynb)
+ssl_prereq = $(if $(filter $(METHODS),$(firstword $(subst -, ,$(1)))),$(EXE)/02_pretrain-$(firstword $(subst -, ,$(1))).ipynb)
 # an ImageNet run recorded as unavailable re-runs once the weights file appears in the torch hub cache
 TORCH_HUB := $(or $(TORCH_HOME),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/torch),$(HOME)/.cache/torch)/hub
 imagenet_prereq = $(if $(filter imagenet,$(firstword $(subst -, ,$(1)))),$(wildcard $(TORCH_HUB)/checkpoints/resnet18-*.pth))

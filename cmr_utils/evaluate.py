@@ -323,3 +323,16 @@ def health_checks(results: pd.DataFrame, per_volume: pd.DataFrame, *, flat_drop:
             rows.append({"run": run, "problem": f"{structure} not segmented",
                          "detail": f"mean test Dice {value:.3f} on the original grid"})
     return pd.DataFrame(rows, columns=["run", "problem", "detail"])
+
+
+def reference_budget(results: pd.DataFrame) -> str:
+    """The budget that the per-initialisation tables and figures describe (the study's table, validation curves,
+    ACDC's metrics, ejection fraction, the framing test, explanations): ``all`` where the sweep has it, else the
+    budget of most labelled slices among runs whose encoder trained (a low-label profile has no ``all`` runs)."""
+    budgets = results["budget"].astype(str)
+    if (budgets == "all").any() or results.empty:
+        return "all"
+    ok = results[results.get("status", "ok") == "ok"] if "status" in results else results
+    trained = ok[~ok["frozen_encoder"].astype(bool)] if "frozen_encoder" in ok else ok
+    pool = trained if not trained.empty else ok
+    return str(pool.loc[pool["n_labelled"].astype(float).idxmax(), "budget"])

@@ -27,13 +27,17 @@ from .augment import augment_batch
 from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
 from .files import atomic_write
 from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
+from .budgets import patient_count
 from .training import FORK_STRATEGIES, EpochLine, fused_optimizer, quiet_lightning, trainer_options
 
 STRUCTURES = ("RV", "MYO", "LV")
 
 
-def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarray]:
-    """Nested subsets of training-slice indices: one permutation per seed, each budget its first b slices."""
+def sample_budgets(n_train: int, budgets: list, seed: int, patients=None) -> dict[str, np.ndarray]:
+    """Nested subsets of training-slice indices: one permutation per seed, each slice budget its first b slices;
+    a patient budget (``p3``) every slice of the first k patients of one permutation of the training patients per
+    seed (``patients``: each training slice's patient), so ``p1`` within ``p3`` within ``p7``. The same seed gives
+    the same slices to every initialisation."""
     if n_train < 1:
         raise ValueError("sample_budgets: the training split is empty")
     order = np.random.default_rng(seed).permutation(n_train)
@@ -42,12 +46,46 @@ def sample_budgets(n_train: int, budgets: list, seed: int) -> dict[str, np.ndarr
         if budget == "all":
             out["all"] = np.arange(n_train)
             continue
+        k = patient_count(budget)
+        if k is not None:
+            if patients is None or len(patients) != n_train:
+                raise ValueError(f"budget {budget}: needs the patient of each of the {n_train} training slices")
+            names = np.array(sorted(set(map(str, patients))))
+            if k >= len(names):
+                raise ValueError(f"budget {budget}: the training split has only {len(names)} patients")
+            # a stream of its own: the slice budgets of a seed stay what they were
+            chosen = np.random.default_rng([seed, 1]).permutation(names)[:k]
+            out[budget] = np.flatnonzero(np.isin(np.asarray(patients, dtype=str), chosen))
+            continue
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget: expected 'all' or a positive number of slices, got {budget!r}")
+            raise ValueError(f"budget: expected 'all', a positive number of slices or p<k> (k patients), got {budget!r}")
         if budget > n_train:
             raise ValueError(f"budget {budget}: larger than the {n_train} slices of the training split")
         out[str(budget)] = np.sort(order[:budget])
     return out
+
+
+PATIENT_VALIDATIONS = 10  # a patient-budget run validates (and may select) about this many times
+
+
+def run_schedule(ft: dict, budget, n_labelled: int) -> tuple[int, int, int]:
+    """``(epochs, batch size, validate every)`` of one run from the profile's ``finetune`` section: ``all`` takes
+    ``epochs`` / ``batch_size_all`` / ``val_every``; a slice budget ``epochs_budget`` / ``batch_size_budget`` /
+    ``val_every_budget``; a patient budget trains for about ``steps_patients`` optimiser steps whatever its slice count
+    (1 patient is about 20 slices, 7 about 140), validated about ``PATIENT_VALIDATIONS`` times (at least every
+    ``val_every_budget`` epochs), its epochs rounded up to a multiple of that."""
+    if budget == "all":
+        return ft["epochs"], ft["batch_size_all"], ft["val_every"]
+    batch, every = ft["batch_size_budget"], ft["val_every_budget"]
+    if patient_count(budget) is None:
+        return ft["epochs_budget"], batch, every
+    per_epoch = max(1, n_labelled // batch) if n_labelled > batch else 1
+    epochs = -(-ft["steps_patients"] // per_epoch)
+    whole = ft["augment"].get("whole_epochs", 0)
+    if ft["augment"].get("crop"):
+        epochs = max(epochs, whole + 1)  # at least one epoch on crops before the whole-slice epochs
+    every = max(every, -(-epochs // PATIENT_VALIDATIONS))  # 1 patient: 120 short epochs, not 30 validations
+    return -(-epochs // every) * every, batch, every
 
 
 class SliceBatches(Dataset):
@@ -158,12 +196,12 @@ class SegmentationModule(_lightning().LightningModule):
 
     def __init__(self, init: str = "random", encoder_path: str | None = None, lr: float = 1e-4,
                  freeze_encoder: bool = False, channels_last: bool = False, recipe: dict | None = None,
-                 compile: bool = False):
+                 compile: bool = False, decoder_path: str | None = None):
         super().__init__()
         recipe = {**DEFAULT_RECIPE, **(recipe or {})}
         self.save_hyperparameters()
         self.recipe = recipe
-        self.model = build_segmentation_model(init, encoder_path)
+        self.model = build_segmentation_model(init, encoder_path, decoder_path=decoder_path)
         set_encoder_frozen(self.model, freeze_encoder)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -270,7 +308,7 @@ def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
                        freeze_encoder: bool, trainer: dict, recipe: dict | None = None, encoder_path=None,
-                       name: str | None = None, val_every: int = 1) -> dict:
+                       name: str | None = None, val_every: int = 1, decoder_path=None) -> dict:
     """Train one run into ``run_dir``; return its summary (also written as ``result.json`` by the caller).
 
     Writes ``model.pt`` (the state_dict of the epoch with the best validation Dice), ``history.csv`` (per-epoch
@@ -291,7 +329,8 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     started = time.time()
     options = trainer_options(trainer)
     module = SegmentationModule(init, None if encoder_path is None else str(encoder_path), lr, freeze_encoder,
-                                trainer.get("channels_last", False), recipe, trainer.get("compile", False))
+                                trainer.get("channels_last", False), recipe, trainer.get("compile", False),
+                                None if decoder_path is None else str(decoder_path))
     train = slice_loader(SliceBatches(images_train, labels_train, indices), batch_size, shuffle=True, seed=seed)
     val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
     for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history

@@ -1,5 +1,6 @@
 """The one segmentation-model factory: an FPN with a ResNet18 encoder, from every initialisation (random,
-imagenet, simsiam, swav).
+imagenet, or a pretraining method of ``cmr_utils.ssl``'s registry, which loads the encoder and, for methods
+that pretrain it, the decoder).
 
 Channel convention (``cmr_utils.encoders.IN_CHANNELS``): images are single-channel. 3-channel checkpoints
 (ImageNet) are folded into ``conv1`` by summing the RGB kernels, which is what segmentation-models-pytorch
@@ -12,16 +13,29 @@ import torch
 from torch import nn
 
 from .encoders import IN_CHANNELS, load_encoder_state
-
-N_CLASSES = 4  # background, RV, MYO, LV
-
+from .fpn import N_CLASSES, SumMerge, build_fpn  # noqa: F401  (the factory's public names)
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights that are neither cached nor downloadable."""
 
 
-INITS = ("random", "imagenet", "simsiam", "swav")
-SSL_INITS = ("simsiam", "swav")
+BUILT_IN_INITS = ("random", "imagenet")
+
+
+def known_inits() -> tuple[str, ...]:
+    """random, imagenet and every registered pretraining method."""
+    from .ssl import METHODS
+
+    return BUILT_IN_INITS + tuple(METHODS)
+
+
+def pretrained_parts(init: str) -> tuple[str, ...]:
+    """The parts of the FPN that ``init`` loads from stage 02 (``()`` for random and imagenet)."""
+    if init in BUILT_IN_INITS:
+        return ()
+    from .ssl import get_method
+
+    return get_method(init).transfers
 
 
 def imagenet_state_dict(timeout_s: float = 3.0) -> dict[str, torch.Tensor]:
@@ -81,42 +95,59 @@ def load_encoder_strict(encoder: nn.Module, state: dict[str, torch.Tensor], orig
     nn.Module.load_state_dict(encoder, state, strict=True)
 
 
-class SumMerge(nn.Module):
-    """The FPN decoder's merge (smp's ``merge_policy="add"``): the sum of the pyramid's upsampled feature maps, added
-    one after another instead of smp's ``torch.stack(x).sum(dim=0)``, which copies the four maps into one tensor and
-    reduces across it. The same sum, no weights; fine-tuning at 128 px (bf16, channels-last, batch 8, one thread)
-    trained about 6 % more images per second (22.2 against 20.9 img/s, the two models' steps interleaved)."""
+def load_decoder_state(path) -> dict[str, torch.Tensor]:
+    """A decoder saved by stage 02 (keys of smp's FPN decoder), read on the CPU, weights only."""
+    from pathlib import Path
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        total = features[0]
-        for feature in features[1:]:
-            total = total + feature
-        return total
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decoder file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable torch state_dict ({type(error).__name__}: {error})") from error
 
 
-def build_segmentation_model(init: str = "random", encoder_path=None, n_classes: int = N_CLASSES) -> nn.Module:
-    """FPN with a ResNet18 encoder (segmentation-models-pytorch), initialised from ``init``.
+def load_decoder_strict(decoder: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load ``state`` into the FPN decoder; any missing, unexpected or mis-shaped key is an error."""
+    expected = decoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{origin}: decoder weights do not match the FPN decoder (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatch {shapes[:3]})")
+    decoder.load_state_dict(state, strict=True)
+
+
+def build_segmentation_model(init: str = "random", encoder_path=None, n_classes: int = N_CLASSES,
+                             decoder_path=None) -> nn.Module:
+    """FPN with a ResNet18 encoder, initialised from ``init``.
 
     ``random``: PyTorch's default initialisation; ``imagenet``: torchvision's ImageNet weights (see
-    ``imagenet_state_dict``); ``simsiam`` / ``swav``: an encoder exported by stage 02, loaded strictly.
+    ``imagenet_state_dict``); a pretraining method: the encoder exported by stage 02 (``encoder_path``), and for a
+    method that pretrains the decoder too, its decoder (``decoder_path``), each loaded strictly. The output head is
+    always new.
     """
-    import segmentation_models_pytorch as smp
-
-    if init not in INITS:
-        raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-    model = smp.FPN("resnet18", encoder_weights=None, in_channels=IN_CHANNELS, classes=n_classes)
-    if getattr(model.decoder.merge, "policy", None) != "add":
-        raise RuntimeError(f"segmentation_models_pytorch {smp.__version__}: the FPN decoder's merge is no longer "
-                           "smp's 'add' MergeBlock; check cmr_utils.models.SumMerge against it")
-    model.decoder.merge = SumMerge()
+    inits = known_inits()
+    if init not in inits:
+        raise ValueError(f"init: expected one of {inits}, got {init!r}")
+    model = build_fpn(n_classes)
+    parts = pretrained_parts(init)
     if init == "imagenet":
         load_encoder_strict(model.encoder, fold_to_one_channel(imagenet_state_dict()), "ImageNet ResNet18")
-    elif init in SSL_INITS:
+    if "encoder" in parts:
         if encoder_path is None:
             raise ValueError(f"init {init!r} needs encoder_path (the encoder exported by stage 02)")
         load_encoder_strict(model.encoder, load_encoder_state(encoder_path), str(encoder_path))
     elif encoder_path is not None:
-        raise ValueError("init 'random' takes no encoder_path")
+        raise ValueError(f"init {init!r} takes no encoder_path")
+    if "decoder" in parts:
+        if decoder_path is None:
+            raise ValueError(f"init {init!r} needs decoder_path (the decoder exported by stage 02)")
+        load_decoder_strict(model.decoder, load_decoder_state(decoder_path), str(decoder_path))
+    elif decoder_path is not None:
+        raise ValueError(f"init {init!r} takes no decoder_path (it pretrains the encoder only)")
     return model
 
 

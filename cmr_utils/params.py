@@ -37,8 +37,7 @@ SCHEMA: dict[str, Any] = {
         "patience": int,
         "keep": str,
         "seed": int,
-        "simsiam": dict,
-        "swav": dict,
+        # and, optionally, a block per method (``simsiam: {lr: 0.05}``): what differs from the method's defaults
     },
     "finetune": {
         "inits": ("list", str),
@@ -46,6 +45,7 @@ SCHEMA: dict[str, Any] = {
         "seeds": ("list", int),
         "epochs": int,
         "epochs_budget": int,
+        "steps_patients": int,
         "val_every": int,
         "val_every_budget": int,
         "batch_size_all": int,
@@ -89,7 +89,6 @@ CHOICES = {
     "trainer.strategy": {"auto", "ddp_notebook", "ddp"},
     "explain.target": {"predicted", "ground_truth"},
 }
-INITS = ("random", "imagenet", "simsiam", "swav")
 
 
 class ParameterError(ValueError):
@@ -137,9 +136,62 @@ def _check(value: Any, expected: Any, where: str, source: str) -> None:
         raise ParameterError(f"{source}: {where}: expected one of {sorted(CHOICES[where])}, got {value!r}")
 
 
+def _method_blocks(params: dict, source: str) -> dict:
+    """The ``pretrain`` section's per-method blocks, checked against the registry (``cmr_utils.ssl``): a block
+    names a registered method and sets only its training keys, its model's arguments or ``transform_kwargs``."""
+    import inspect
+
+    from .ssl import METHODS
+    from .ssl.registry import TRAINING_KEYS
+
+    pretrain = params.get("pretrain")
+    if not isinstance(pretrain, dict):
+        return {}
+    blocks = {k: v for k, v in pretrain.items() if k in METHODS}
+    for name, block in blocks.items():
+        if not isinstance(block, dict):
+            raise ParameterError(f"{source}: pretrain.{name}: expected a mapping of {name}'s settings, got {block!r}")
+        arguments = set(inspect.signature(METHODS[name].model.__init__).parameters) - {"self", "max_epochs"}
+        allowed = set(TRAINING_KEYS) | arguments | {"transform_kwargs"}
+        unknown = sorted(set(block) - allowed)
+        if unknown:
+            raise ParameterError(f"{source}: pretrain.{name}: unknown key(s) {unknown}; expected some of "
+                                 f"{sorted(allowed)}")
+        lr = block.get("lr", METHODS[name].defaults.get("lr"))
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, NUMBER) or lr <= 0):
+            raise ParameterError(f"{source}: pretrain.{name}.lr: expected a positive number, got {lr!r}")
+        if "keep" in block and block["keep"] not in CHOICES["pretrain.keep"]:
+            raise ParameterError(f"{source}: pretrain.{name}.keep: expected one of {sorted(CHOICES['pretrain.keep'])}, "
+                                 f"got {block['keep']!r}")
+    return blocks
+
+
+def pretrain_settings(params: dict, method: str) -> tuple[dict, dict]:
+    """``(training, model)`` settings of one method: the ``pretrain`` section's common keys, then the method's
+    registered defaults, then the profile's block for it; ``training`` holds ``train_ssl``'s own arguments
+    (image_size, batch_size, max_epochs, patience, keep, lr), ``model`` the method's (and ``transform_kwargs``)."""
+    from .ssl import method_settings
+    from .ssl.registry import TRAINING_KEYS
+
+    cfg = params["pretrain"]
+    merged = method_settings(method, cfg.get(method))
+    training = {k: cfg[k] for k in TRAINING_KEYS if k in cfg}
+    training.update({k: merged.pop(k) for k in TRAINING_KEYS if k in merged})
+    return training, merged
+
+
+def known_inits() -> tuple[str, ...]:
+    """random, imagenet and every registered pretraining method (``cmr_utils.ssl.METHODS``)."""
+    from .models import known_inits as inits
+
+    return inits()
+
+
 def validate(params: dict, source: str = "parameters") -> dict:
     """Check ``params`` against the schema and the cross-field rules; return it unchanged."""
-    _check(params, SCHEMA, "", source)
+    blocks = _method_blocks(params, source)
+    _check({**params, "pretrain": {k: v for k, v in params["pretrain"].items() if k not in blocks}}
+           if blocks else params, SCHEMA, "", source)
     split = params["data"]["split"]
     fractions = [split[k] for k in ("train", "val", "test")]
     if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -183,20 +235,24 @@ def validate(params: dict, source: str = "parameters") -> dict:
         if every < 1 or ft[epochs] % every:
             raise ParameterError(f"{source}: finetune.{key}: expected a positive number that divides finetune.{epochs} "
                                  f"({ft[epochs]}), so that the last epoch is validated; got {every!r}")
+    inits = known_inits()
     for init in params["finetune"]["inits"]:
-        if init not in INITS:
-            raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected {INITS}")
+        if init not in inits:
+            raise ParameterError(f"{source}: finetune.inits: unknown initialisation {init!r}; expected one of {inits}")
+    from .budgets import patient_count
+
     for budget in params["finetune"]["budgets"]:
-        if budget != "all" and not (isinstance(budget, int) and budget > 0):
-            raise ParameterError(f"{source}: finetune.budgets: expected 'all' or a positive number of slices, "
-                                 f"got {budget!r}")
+        if budget != "all" and patient_count(budget) is None and not (isinstance(budget, int) and
+                                                                      not isinstance(budget, bool) and budget > 0):
+            raise ParameterError(f"{source}: finetune.budgets: expected 'all', a positive number of slices or p<k> "
+                                 f"(every slice of k training patients, e.g. p3), got {budget!r}")
+    methods = [i for i in inits if i not in ("random", "imagenet")]
     for method in params["pretrain"]["methods"]:
-        if method not in ("simsiam", "swav"):
-            raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected simsiam, swav")
-    for method in ("simsiam", "swav"):
-        lr = params["pretrain"][method].get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, NUMBER) or lr <= 0:
-            raise ParameterError(f"{source}: pretrain.{method}.lr: expected a positive number, got {lr!r}")
+        if method not in methods:
+            raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected some of {methods}")
+    missing = [i for i in params["finetune"]["inits"] if i in methods and i not in params["pretrain"]["methods"]]
+    if missing:
+        raise ParameterError(f"{source}: finetune.inits {missing}: not pretrained; add them to pretrain.methods")
     return params
 
 

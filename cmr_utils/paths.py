@@ -90,6 +90,10 @@ class Workspace:
     def encoder_path(self, method: str) -> Path:
         return self.pretrain_dir(method) / "encoder.pt"
 
+    def decoder_path(self, method: str) -> Path:
+        """The FPN decoder of a method that pretrains it (``cmr_utils.ssl.train.save_pretrained``)."""
+        return self.pretrain_dir(method) / "decoder.pt"
+
     # stage 03
     def finetune_dir(self, name: str) -> Path:
         return self.runs / "finetune" / name

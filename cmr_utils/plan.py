@@ -35,19 +35,28 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .budgets import patient_count
 from .params import load_profile
 from .paths import run_name, workspace
 
 
-def kept_budgets(budgets: list, n_train_slices: int | None) -> tuple[list, list]:
-    """``(kept, dropped)``: numeric budgets ``>= n_train_slices`` are dropped; ``all`` is always kept."""
+def kept_budgets(budgets: list, n_train_slices: int | None, n_train_patients: int | None = None) -> tuple[list, list]:
+    """``(kept, dropped)``: slice budgets ``>= n_train_slices`` and patient budgets ``>= n_train_patients`` are
+    dropped; ``all`` is always kept."""
     if n_train_slices is None:
         return list(budgets), []
-    kept = [b for b in budgets if b == "all" or b < n_train_slices]
+
+    def fits(b):
+        if b == "all":
+            return True
+        k = patient_count(b)
+        return b < n_train_slices if k is None else n_train_patients is None or k < n_train_patients
+
+    kept = [b for b in budgets if fits(b)]
     return kept, [b for b in budgets if b not in kept]
 
 
-def finetune_runs(params: dict, n_train_slices: int | None = None) -> list[dict]:
+def finetune_runs(params: dict, n_train_slices: int | None = None, n_train_patients: int | None = None) -> list[dict]:
     """Every fine-tuning run of the sweep: init x budget (and its ``-trained`` variant, see ``budget_variants``)
     x seed. ``slices`` names the run's labelled slices (``cmr_utils.finetune.sample_budgets``' key): a
     ``150-trained`` run trains on the slices of ``150`` of its seed, so the two are paired.
@@ -57,7 +66,7 @@ def finetune_runs(params: dict, n_train_slices: int | None = None) -> list[dict]
     ``plan_runs(profile, data)``, which passes the count.
     """
     ft = params["finetune"]
-    budgets, _ = kept_budgets(ft["budgets"], n_train_slices)
+    budgets, _ = kept_budgets(ft["budgets"], n_train_slices, n_train_patients)
     return [{"init": i, "budget": label, "seed": s, "name": run_name(i, label, s), "slices": str(b),
              "encoder": encoder}
             for i in ft["inits"] for b in budgets for label, encoder in budget_variants(b, ft)
@@ -70,20 +79,24 @@ TRAINED = "-trained"  # the budget label of a run below freeze_below whose encod
 def budget_variants(budget, ft: dict) -> list[tuple[str, str]]:
     """``(budget label, encoder)`` of the runs of one budget: ``encoder`` is ``rule`` (frozen below
     ``finetune.freeze_below`` slices, as in the study) or ``trained`` (the ``<budget>-trained`` run that
-    ``budgets_below_freeze: frozen_and_trained`` adds: the same slices, the encoder trained)."""
+    ``budgets_below_freeze: frozen_and_trained`` adds: the same slices, the encoder trained). A patient budget
+    (``p3``: every slice of 3 training patients, as the semi-supervised benchmarks count labels) always trains the
+    encoder."""
+    if patient_count(budget) is not None:
+        return [(budget, "trained")]
     out = [(str(budget), "rule")]
     if budget != "all" and budget < ft["freeze_below"] and ft["budgets_below_freeze"] == "frozen_and_trained":
         out.append((f"{budget}{TRAINED}", "trained"))
     return out
 
 
-def train_slice_count(source, fractions: tuple[float, float, float], seed: int) -> int:
-    """Slices of the training split that stage 01 (``prepare_dataset``) will write for the labelled ``source``."""
+def train_counts(source, fractions: tuple[float, float, float], seed: int) -> tuple[int, int]:
+    """(slices, patients) of the training split that stage 01 (``prepare_dataset``) will write for ``source``."""
     from .prepare import split_patients
 
     patients = source.patients()
     split = split_patients(patients, fractions, seed, {p: source.group(p) for p in patients})
-    return sum(source.n_slices(p) for p in split["train"])
+    return sum(source.n_slices(p) for p in split["train"]), len(split["train"])
 
 
 def external_sources(external: str | None) -> dict:
@@ -133,19 +146,21 @@ def plan_runs(profile: str, data: str | None = "", external: str | None = "") ->
     ft = params["finetune"]
     split = params["data"]["split"]
     labelled = data_sources(data, params["data"]["phantom"])[0]
-    n_train = train_slice_count(labelled, (split["train"], split["val"], split["test"]), split["seed"])
-    budgets, dropped = kept_budgets(ft["budgets"], n_train)
+    n_train, n_patients = train_counts(labelled, (split["train"], split["val"], split["test"]), split["seed"])
+    budgets, dropped = kept_budgets(ft["budgets"], n_train, n_patients)
     messages = []
     if dropped:
         nums = ", ".join(str(b) for b in dropped)
+        slices = [b for b in dropped if patient_count(b) is None]
+        holds = (f"{n_train} slices (<= {min(slices)}" if slices else f"{n_patients} patients (<= "
+                 f"{min(map(patient_count, dropped))}") + ": the budget would be 'all' or more"
         messages.append(f"plan: budget{'s' if len(dropped) > 1 else ''} {nums} dropped: the training split of "
-                        f"{labelled.folder} has {n_train} slices (<= {min(dropped)}: the budget would be "
-                        f"'all' or more); budgets kept: {', '.join(map(str, budgets)) or 'none'}")
+                        f"{labelled.folder} has {holds}); budgets kept: {', '.join(map(str, budgets)) or 'none'}")
     if not budgets:
         raise ValueError(f"profile {profile!r}: no label budget left for {labelled.folder} ({n_train} training "
                          f"slices): every budget of finetune.budgets {ft['budgets']} is >= {n_train}; "
                          f"add 'all' or a smaller budget")
-    small = [b for b in budgets if b != "all" and b < ft["batch_size_budget"]]
+    small = [b for b in budgets if b != "all" and patient_count(b) is None and b < ft["batch_size_budget"]]
     if small:
         messages.append(f"plan: note: budget{'s' if len(small) > 1 else ''} {', '.join(map(str, small))} "
                         f"below finetune.batch_size_budget {ft['batch_size_budget']}: such a run trains on one "
@@ -155,7 +170,7 @@ def plan_runs(profile: str, data: str | None = "", external: str | None = "") ->
         messages.append("plan: external validation on " + ", ".join(f"{name} ({layout})" for name, layout
                                                                      in external_layouts.items()))
     return Plan(profile, data or "", labelled.folder, n_train, budgets, dropped,
-                finetune_runs(params, n_train), messages, external_layouts)
+                finetune_runs(params, n_train, n_patients), messages, external_layouts)
 
 
 def make_variables(profile: str, data: str, plan: Plan | None = None, external: str = "") -> str:

@@ -13,7 +13,16 @@ from .plan import TRAINED  # noqa: E402
 from .prepare import normalise_volume  # noqa: E402
 
 LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.10, 0.75, 0.20), 3: (0.15, 0.35, 0.95)}
-INIT_COLOURS = {"random": "tab:gray", "imagenet": "tab:orange", "simsiam": "tab:blue", "swav": "tab:green"}
+BUILT_IN_COLOURS = {"random": "tab:gray", "imagenet": "tab:orange"}
+
+
+def init_colour(init: str) -> str | None:
+    """The colour of an initialisation in every figure: built-in ones here, pretraining methods from the registry."""
+    if init in BUILT_IN_COLOURS:
+        return BUILT_IN_COLOURS[init]
+    from .ssl import METHODS
+
+    return METHODS[init].colour if init in METHODS else None
 
 
 def label_cmap(n_classes: int = 4) -> ListedColormap:
@@ -58,7 +67,7 @@ def loss_curves(histories: dict[str, pd.DataFrame], title: str, columns=("train_
         for column, style in zip(columns, ("-", "--", ":")):
             if column in history:
                 h = history.dropna(subset=[column])
-                ax.plot(h["epoch"], h[column], style, marker=".", color=INIT_COLOURS.get(name),
+                ax.plot(h["epoch"], h[column], style, marker=".", color=init_colour(name),
                         label=f"{name} {column.replace('_', ' ')}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss" if all("loss" in c for c in columns) else ", ".join(columns))
@@ -73,8 +82,8 @@ def validation_curves(histories: dict[str, pd.DataFrame]):
     """Validation loss and IoU per epoch, one line per initialisation (the study's Fig. 4)."""
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.6))
     for init, h in histories.items():
-        ax_loss.plot(h["epoch"], h["val_loss"], marker=".", color=INIT_COLOURS.get(init), label=init)
-        ax_iou.plot(h["epoch"], h["val_iou"], marker=".", color=INIT_COLOURS.get(init), label=init)
+        ax_loss.plot(h["epoch"], h["val_loss"], marker=".", color=init_colour(init), label=init)
+        ax_iou.plot(h["epoch"], h["val_iou"], marker=".", color=init_colour(init), label=init)
     for ax, name in ((ax_loss, "validation Dice loss"), (ax_iou, "validation IoU")):
         ax.set_xlabel("epoch")
         ax.set_title(name, fontsize=10)
@@ -90,9 +99,12 @@ def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
     budget (init, mean, ci_low, ci_high, n_patients, optionally n_seeds) and n_labelled. Where there are
     ``<budget>-trained`` runs (``cmr_utils.plan.budget_variants``) and a ``frozen_encoder`` column, each
     initialisation gets a second, dashed line through its runs whose encoder was trained."""
+    from .budgets import patient_count
+
+    summary = summary[summary["budget"].map(patient_count).isna()]  # patient budgets: ``label_efficiency``
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for init, runs in summary.groupby("init"):
-        colour = INIT_COLOURS.get(init)
+        colour = init_colour(init)
         trained = runs["budget"].astype(str).str.endswith(TRAINED)
         lines = [(runs[~trained], "-", init)]  # the study's rule: the encoder frozen below freeze_below
         if trained.any() and "frozen_encoder" in runs:  # <budget>-trained runs: their line ends at the trained runs
@@ -119,6 +131,34 @@ def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
     return fig
 
 
+def label_efficiency(table: pd.DataFrame, n_train_patients: int | None = None, display: dict | None = None):
+    """Test Dice against labelled training patients (log scale), one line per initialisation with its 95 %
+    patient-bootstrap band: the patient budgets (``p1``, ``p3``, ``p7``) and, at ``n_train_patients``, ``all``.
+    ``table``: ``label_efficiency.dice_by_budget``'s rows."""
+    rows = table[table["labelled_patients"].notna()].copy()
+    if n_train_patients is not None:
+        rows = pd.concat([rows, table[table["budget"] == "all"].assign(labelled_patients=n_train_patients)])
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for init, g in rows.groupby("init", sort=False):
+        g = g.sort_values("labelled_patients")
+        colour = init_colour(init)
+        ax.plot(g["labelled_patients"], g["mean"], marker="o", color=colour, label=(display or {}).get(init, init))
+        ax.fill_between(g["labelled_patients"], g["ci_low"].fillna(g["mean"]).clip(0, 1),
+                        g["ci_high"].fillna(g["mean"]).clip(0, 1), color=colour, alpha=0.12)
+    ax.set_xscale("log")
+    ticks = sorted(rows["labelled_patients"].unique())
+    ax.set_xticks(ticks, [f"{int(t)}" + (" (all)" if t == n_train_patients else "") for t in ticks])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("labelled training patients (every slice of each)")
+    ax.set_ylabel("test Dice (3D, native grid)")
+    n = int(rows["n_patients"].max()) if len(rows) else 0
+    ax.set_title(f"Label efficiency: mean and 95% bootstrap band over {n} test patients", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def ef_scatter(ef: pd.DataFrame):
     """Predicted against true ejection fraction, per structure, one colour per initialisation."""
     structures = sorted(ef["structure"].unique()) or ["LV"]
@@ -126,7 +166,7 @@ def ef_scatter(ef: pd.DataFrame):
     for ax, structure in zip(axes[0], structures):
         g = ef[ef["structure"] == structure]
         for init, h in g.groupby("init"):
-            ax.scatter(h["ef_true"], h["ef_pred"], s=14, color=INIT_COLOURS.get(init), label=init, alpha=0.7)
+            ax.scatter(h["ef_true"], h["ef_pred"], s=14, color=init_colour(init), label=init, alpha=0.7)
         lims = [min(g[["ef_true", "ef_pred"]].min().min(), 0), max(g[["ef_true", "ef_pred"]].max().max(), 80)]
         ax.plot(lims, lims, "k--", lw=0.8)
         ax.set_xlabel(f"true {structure} EF (%)")

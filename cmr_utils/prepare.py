@@ -8,7 +8,7 @@ into train / validation / test (never a patient in two splits), and writes, atom
     {train,val,test}_labels.npy   (N, S, S) uint8, 0 background 1 RV 2 MYO 3 LV
     {train,val,test}_slices.csv   one row per slice: patient, phase, frame, slice, spacing (mm), ...
     pool_images.npy               (M, S, S) float16: the unlabelled pretraining pool
-    pool_slices.csv               one row per pool slice: source, patient, phase, slice
+    pool_slices.csv               one row per pool slice: source, patient, phase, slice, position (in [0, 1))
     manifest.json                 sources (folder, layout, content hash, geometry), geometry (``geometry``:
                                   physical or pixel; target_spacing, window_mm; image_size, resize,
                                   field_of_view), parameters, counts
@@ -218,8 +218,9 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
                 img, _ = geometry_for(records[id(source)], *vol.image.shape[1:], vol.spacing).to_model(
                     normalise_volume(vol.image))
                 pool.append(img.astype(np.float16))
+                # position: the slice's place along its volume's short axis, in [0, 1) (global contrastive positives)
                 rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
-                              phase=vol.phase, slice=k) for k in range(len(img))]
+                              phase=vol.phase, slice=k, position=(k + 0.5) / len(img)) for k in range(len(img))]
         np.save(tmp / "pool_images.npy", np.concatenate(pool))
         pd.DataFrame(rows).to_csv(tmp / "pool_slices.csv", index_label="index")
         counts["pool_slices"] = len(rows)

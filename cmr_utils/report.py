@@ -201,19 +201,28 @@ def _precision(configured: str, recorded: list) -> str:
     return words
 
 
-def _pretraining(cfg: dict, methods: list[str]) -> str:
-    """One sentence on how the SSL encoders were made (``pretrain`` section), or that none was fine-tuned."""
+def _pretraining(params: dict, methods: list[str]) -> str:
+    """One sentence per pretraining method on how it was made (its settings from ``params_settings``), or that none
+    was fine-tuned."""
+    from .params import pretrain_settings
+    from .ssl import get_method
+
     if not methods:
         return "No self-supervised encoder was fine-tuned."
-    names = " and ".join({"simsiam": "SimSiam", "swav": "SwAV"}.get(m, m) for m in methods)
-    epochs = f"{_number(cfg['max_epochs'])} epoch{'' if cfg['max_epochs'] == 1 else 's'}"
-    if cfg["keep"] == "last":
-        how = f"{epochs}, the last epoch's encoder kept"
-    else:
-        how = (f"up to {epochs} with early stopping on the validation loss (patience {cfg['patience']}), "
-               "the lowest epoch's encoder kept")
-    return (f"**Pretraining** ({names}): {how}; views of {cfg['image_size']} px, batch {cfg['batch_size']}, on the "
-            "training patients of the unlabelled pool.")
+    parts = []
+    for method in methods:
+        training, _ = pretrain_settings(params, method)
+        spec = get_method(method)
+        epochs = f"{_number(training['max_epochs'])} epoch{'' if training['max_epochs'] == 1 else 's'}"
+        if training["keep"] == "last":
+            how = f"{epochs}, the last kept"
+        else:
+            how = f"up to {epochs}, early-stopped on the validation loss (patience {training['patience']})"
+        pretrained = " and ".join(spec.transfers)
+        parts.append(f"{spec.display} ({spec.summary}; {pretrained} transferred): {how}, views of "
+                     f"{training['image_size']} px, batch {training['batch_size']}")
+    return ("**Pretraining**, on every slice of the training and validation patients of the unlabelled pool and of "
+            "the extra sources: " + "; ".join(parts) + ".")
 
 
 def protocol_differences(params: dict, study: dict) -> list[str]:
@@ -276,7 +285,7 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
             f"{_input(geometry)}; {_precision(params['trainer']['precision'], [r.get('precision') for r in runs])}; "
             + ("test predictions: the mean probabilities over each slice and its three flips."
                if params["evaluate"]["test_time_flips"] else "test predictions: one pass per slice, no flips."))
-    text += " " + _pretraining(params["pretrain"], [i for i in ft["inits"] if i in params["pretrain"]["methods"]])
+    text += " " + _pretraining(params, [i for i in ft["inits"] if i in params["pretrain"]["methods"]])
     study = load_profile("paper") if study is None else study
     differences = protocol_differences({**params, "finetune": {**ft, **recipe}, "data": geometry}, study)
     if differences:

@@ -40,7 +40,7 @@ external = ""
 import pandas as pd
 from IPython.display import display
 
-from cmr_utils import evaluate, framing, paths, plots, stats
+from cmr_utils import evaluate, framing, label_efficiency, paths, plots, ssl, stats
 from cmr_utils.params import load_profile
 from cmr_utils.plan import external_sources, plan_runs
 from cmr_utils.prepare import Prepared
@@ -50,6 +50,7 @@ params = load_profile(profile)
 ws = paths.workspace(profile, data)
 prepared = Prepared.open(ws.prepared)
 results = evaluate.read_results(plan_runs(profile, data).runs, ws.finetune_dir)  # the same runs as the Makefile's
+reference = evaluate.reference_budget(results)  # `all`, or the largest trained budget of a low-label profile
 unavailable = results[results["status"] != "ok"]
 for init, reason in unavailable.groupby("init")["reason"].first().items():
     print(f"UNAVAILABLE initialisation {init!r}: {reason}")
@@ -93,8 +94,8 @@ if external_sets:
     ext_per_volume, ext_ef = evaluate.external_validation(results, external_sets, profile, data, device)
     ext_per_volume.to_csv(ws.evaluation / "external_per_volume.csv", index=False)
     ext_ef.to_csv(ws.evaluation / "external_ef.csv", index=False)
-    cross, drop = evaluate.external_tables(per_volume[per_volume["budget"] == "all"],
-                                           ext_per_volume[ext_per_volume["budget"] == "all"])
+    cross, drop = evaluate.external_tables(per_volume[per_volume["budget"] == reference],
+                                           ext_per_volume[ext_per_volume["budget"] == reference])
     cross.to_csv(ws.table("external_cross_dataset.csv"), index=False)
     drop.to_csv(ws.table("external_drop.csv"), index=False)
     display(cross.style.format(precision=3, na_rep="–").hide(axis="index"))
@@ -112,7 +113,7 @@ else:
 
 # %%
 first_seed = results["seed"].min() if len(results) else 0
-framing_runs = results[(results["budget"] == "all") & (results["seed"] == first_seed)]
+framing_runs = results[(results["budget"] == "all") & (results["seed"] == first_seed)]  # none in a low-label profile
 framing_scores = framing.framing_test(framing_runs, profile, data, "test", device)
 framing_scores.to_csv(ws.evaluation / "framing.csv", index=False)
 framing_table = framing.framing_by_init(framing_scores)
@@ -141,7 +142,7 @@ print("every run learned and segments RV, MYO and LV" if health.empty else
 # with its mean and its 95 % patient-level bootstrap interval (2,000 resamples over test patients; seeds pooled).
 
 # %%
-all_labels = results[results["budget"] == "all"]
+all_labels = results[results["budget"] == reference]
 volume_dice = (per_volume.groupby(["init", "budget", "seed", "patient", "phase"])["dice"].mean()
                .reset_index())  # per patient and phase: mean 3D Dice over RV, MYO and LV
 
@@ -151,7 +152,7 @@ def over_seeds(column):
 
 
 def over_patients(df, value, counts=False):
-    summary = stats.bootstrap_mean_ci(df[df["budget"] == "all"], value, by="init").set_index("init")
+    summary = stats.bootstrap_mean_ci(df[df["budget"] == reference], value, by="init").set_index("init")
     return summary[["mean", "ci_low", "ci_high"] + (["n_patients", "n_seeds"] if counts else [])]
 
 
@@ -209,10 +210,30 @@ comparisons.to_csv(ws.table("paired_comparisons.csv"), index=False)
 comparisons
 
 # %% [markdown]
+# ## Label efficiency: does pretraining pay with few labels?
+# Test Dice (3D, native grid, mean over RV, MYO and LV) per initialisation and budget with its 95 % patient-level
+# bootstrap interval (`dice_by_budget.csv`); each initialisation minus random, paired on seed, patient and phase
+# (`gains_over_random.csv`); the figure puts the patient budgets (`p1`, `p3`, `p7`) beside all labels.
+
+# %%
+names = {name: method.display for name, method in ssl.METHODS.items()}
+by_budget = label_efficiency.dice_by_budget(volume_dice)
+by_budget.to_csv(ws.table("dice_by_budget.csv"), index=False)
+gains = label_efficiency.gains_over_random(volume_dice)
+gains.to_csv(ws.table("gains_over_random.csv"), index=False)
+if by_budget["labelled_patients"].notna().any():
+    fig = plots.label_efficiency(by_budget, prepared.manifest["counts"]["train_patients"], names)
+    points = "; ".join(f"{names.get(init, init)} " + ", ".join(f"{r.budget} {r.mean:.2f}" for r in g.itertuples())
+                       for init, g in by_budget.groupby("init", sort=False))
+    plots.save_figure(fig, ws.figure("label_efficiency.png"), "Line chart of the test Dice against labelled training "
+                      f"patients (log scale), one line per initialisation with its 95 % bootstrap band: {points}.")
+print(label_efficiency.answer(gains, names))
+
+# %% [markdown]
 # ## ACDC's metrics per structure and phase (all labels): Dice and HD95
 
 # %%
-acdc = (per_volume[per_volume["budget"] == "all"]
+acdc = (per_volume[per_volume["budget"] == reference]
         .groupby(["init", "phase", "structure"])
         .agg(dice=("dice", "mean"), dice_sd=("dice", "std"), hd95=("hd95", "mean"), hd95_unit=("hd95_unit", "first"),
              volumes=("dice", "size")).reset_index())
@@ -224,7 +245,7 @@ acdc.pivot_table(index=["init"], columns=["phase", "structure"], values=["dice",
 # Bias = mean(predicted − true) in EF percentage points, limits of agreement = bias ± 1.96 SD, Pearson r.
 
 # %%
-ef_all = ef[ef["budget"] == "all"]
+ef_all = ef[ef["budget"] == reference]
 agreement = evaluate.ef_agreement_table(ef_all)
 agreement.to_csv(ws.table("ef_agreement.csv"), index=False)
 fig = plots.ef_scatter(ef_all)

@@ -35,7 +35,7 @@ data = ""
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cmr_utils import explain, paths, plots, report, viewer
+from cmr_utils import evaluate, explain, paths, plots, report, viewer
 from cmr_utils.finetune import load_trained_model
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
@@ -47,7 +47,7 @@ ws = paths.workspace(profile, data)
 prepared = Prepared.open(ws.prepared)
 images, truth, meta = prepared.images("test"), prepared.labels("test"), prepared.slices("test")
 runs = pd.read_csv(ws.evaluation / "runs.csv")
-runs = runs[runs["budget"] == "all"].sort_values(["init", "seed"])
+runs = runs[runs["budget"] == evaluate.reference_budget(runs)].sort_values(["init", "seed"])
 per_slice = pd.read_csv(ws.evaluation / "per_slice.csv")
 region = cfg["target"].replace("predicted", "prediction")
 first = runs.groupby("init").first()  # the figures show each initialisation's first seed

@@ -27,7 +27,7 @@ import json
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cmr_utils import evaluate, paths, plots, report
+from cmr_utils import evaluate, label_efficiency, paths, plots, report, ssl
 from cmr_utils.params import load_profile
 from cmr_utils.plan import plan_runs
 from cmr_utils.prepare import Prepared, describe_geometry
@@ -63,6 +63,7 @@ display(Markdown(f"**Profile** `{profile}` · **data** {sources} · **geometry**
 # %%
 plan = plan_runs(profile, data)  # the runs of the sweep, as the Makefile planned them
 runs = evaluate.read_results(plan.runs, ws.finetune_dir)
+reference = evaluate.reference_budget(runs)  # `all`, or the largest trained budget of a low-label profile
 display(Markdown(report.describe_recipe(params, runs, profile=profile, data=manifest)))
 display(Markdown(report.describe_plan(plan)))
 
@@ -80,21 +81,29 @@ figure("data_samples.png", f"Sample slices of each data source ({layouts}): four
 # %% [markdown]
 # ## 2 · Self-supervised pretraining
 # Training and validation loss per epoch (validation on held-out patients of the unlabelled pool; early stopping
-# on it). The losses of the two methods are on different scales (SimSiam: negative cosine similarity, minimum −1;
-# SwAV: swapped-prediction cross-entropy).
+# on it). Each method's loss is on its own scale (SimSiam: negative cosine similarity, minimum −1; SwAV:
+# swapped-prediction cross-entropy; masked image modelling: mean squared error on the masked pixels; global + local
+# contrastive: the global loss, then the local one from its `global_epochs` on). Below the figure: what each method
+# pretrained and on how many unlabelled slices, from which source.
 
 # %%
 histories = {m: pd.read_csv(ws.pretrain_dir(m) / "history.csv") for m in params["pretrain"]["methods"]}
-fig = plots.loss_curves(histories, "pretraining loss, both methods")
+fig = plots.loss_curves(histories, "pretraining loss per method")
 alt = "Line chart of the pretraining loss per epoch, training solid and validation dashed: " + "; ".join(
     f"{m} over {len(h)} epoch(s), training loss {h['train_loss'].iloc[0]:.3f} to {h['train_loss'].iloc[-1]:.3f}, "
     f"validation loss {h['val_loss'].iloc[0]:.3f} to {h['val_loss'].iloc[-1]:.3f}" for m, h in histories.items())
-plots.show_figure(plots.save_figure(fig, ws.figure("pretrain_loss_both.png"), alt + "."))
+plots.show_figure(plots.save_figure(fig, ws.figure("pretrain_loss_all.png"), alt + "."))
 for m in histories:
     meta = json.loads(ws.encoder_path(m).with_suffix(".json").read_text())
-    state = "COLLAPSED" if meta["collapsed"] else "no collapse"
-    display(Markdown(f"- **{m}**: {meta['epochs_run']} epochs, best validation loss {meta['best_val_loss']:.4f} "
-                     f"at epoch {meta['best_epoch']}; collapse monitor: {state}"))
+    monitored = pd.read_csv(ws.pretrain_dir(m) / "history.csv")["embedding_std_ratio"].notna().any()
+    state = ("COLLAPSED" if meta["collapsed"] else "no collapse") if monitored else "none (no embedding)"
+    seen = meta.get("pool_slices", {})
+    sources = ", ".join(f"{n} from {folder}" for folder, n in seen.get("train_by_source", {}).items())
+    method = ssl.get_method(m)
+    display(Markdown(f"- **{method.display}** ({' and '.join(method.transfers)}): trained on {seen.get('train', '?')} "
+                     f"unlabelled slices ({sources or 'sources not recorded'}), validated on {seen.get('val', '?')}; "
+                     f"{meta['epochs_run']} epochs, kept epoch {meta['best_epoch']} (validation loss "
+                     f"{meta['best_val_loss']:.4f}); collapse monitor: {state}"))
 
 # %% [markdown]
 # ## 3 · Segmentation: the study's table
@@ -120,7 +129,7 @@ display(Markdown("**Health check**: every run's training loss fell and every run
                  "model never predicts — numbers from such runs describe a model that did not learn):"))
 if not health.empty:
     table("health_checks.csv")
-trained = runs[(runs["status"] == "ok") & (runs["budget"] == "all")].groupby("init")["best_val_iou"].mean()
+trained = runs[(runs["status"] == "ok") & (runs["budget"] == reference)].groupby("init")["best_val_iou"].mean()
 figure("validation_curves.png", "Two line charts over the fine-tuning epochs with all labels, one line per "
        "initialisation (mean over seeds): validation Dice loss (left) and validation IoU (right); best validation "
        "IoU " + ", ".join(f"{init} {iou:.2f}" for init, iou in trained.items()) + ".")
@@ -153,12 +162,27 @@ table("iou_by_budget.csv", empty=report.trained_runs_gap(runs))
 table("paired_comparisons.csv", empty=report.comparison_gap(runs))
 
 # %% [markdown]
+# ### Does pretraining pay with few labels?
+# Test Dice (3D, native grid, mean over RV, MYO and LV) against the number of labelled training patients (every
+# slice of each; the semi-supervised ACDC benchmarks count labels this way), and each initialisation minus random
+# initialisation, paired on seed, test patient and phase, with its 95 % patient-level bootstrap interval.
+
+# %%
+gains = pd.read_csv(ws.tables / "gains_over_random.csv")
+names = {name: method.display for name, method in ssl.METHODS.items()}
+display(Markdown(label_efficiency.answer(gains, names)))
+if (ws.figures / "label_efficiency.png").exists():
+    figure("label_efficiency.png")
+table("gains_over_random.csv", empty="no budget has random initialisation beside a pretrained one")
+table("dice_by_budget.csv", empty=report.trained_runs_gap(runs))
+
+# %% [markdown]
 # ## 5 · ACDC's metrics: Dice and HD95 per structure, ED and ES (all labels)
 # Per patient and phase on each volume's original grid (HD95 in mm where the source records voxel spacing); mean
 # and SD over volumes and seeds.
 
 # %%
-table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, "all"))
+table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, reference))
 
 # %% [markdown]
 # ## 6 · Ejection fraction: predicted versus true
@@ -166,7 +190,7 @@ table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, "all"))
 
 # %%
 ef = pd.read_csv(ws.evaluation / "ef.csv")
-ef = ef[ef["budget"].astype(str) == "all"]
+ef = ef[ef["budget"].astype(str) == reference]
 table("ef_agreement.csv", empty=report.ef_gap(ef))
 figure("ef_agreement.png", "Scatter plot of predicted against true ejection fraction (%), one panel per structure ("
        + (", ".join(sorted(ef["structure"].unique())) or "none") + "), one colour per initialisation, dashed "

@@ -24,7 +24,7 @@ def test_budgets_are_nested_deterministic_and_within_the_training_split():
 def test_budget_errors():
     with pytest.raises(ValueError, match="budget 500: larger than the 300 slices"):
         sample_budgets(300, [500], 0)
-    with pytest.raises(ValueError, match="expected 'all' or a positive number"):
+    with pytest.raises(ValueError, match="expected 'all', a positive number of slices or p<k>"):
         sample_budgets(300, ["half"], 0)
 
 

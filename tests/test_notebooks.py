@@ -49,7 +49,14 @@ def tiny_report():
 def test_make_report_tiny_produces_every_output(tiny_report):
     ws = tiny_report
     executed = sorted(p.name for p in ws.executed.glob("*.ipynb"))
-    assert executed[:3] == ["01_prepare_data.ipynb", "02_pretrain-simsiam.ipynb", "02_pretrain-swav.ipynb"]
+    assert executed[:5] == ["01_prepare_data.ipynb", "02_pretrain-glcl.ipynb", "02_pretrain-mim.ipynb",
+                            "02_pretrain-simsiam.ipynb", "02_pretrain-swav.ipynb"]
+    # the whole-network methods export a decoder; the encoder-only ones do not
+    assert [ws.decoder_path(m).exists() for m in ("simsiam", "swav", "mim", "glcl")] == [False, False, True, True]
+    # a patient budget: every slice of one training patient, the same one for every initialisation, the encoder trained
+    p1 = {init: pd.read_csv(ws.finetune_dir(f"{init}-p1-s0") / "labelled_slices.csv") for init in ("random", "glcl")}
+    assert p1["random"]["patient"].nunique() == 1 and p1["random"].equals(p1["glcl"])
+    assert json.loads((ws.finetune_dir("mim-p1-s0") / "result.json").read_text())["frozen_encoder"] is False
     assert "03_finetune-simsiam-8-s0.ipynb" in executed and "05_explain.ipynb" in executed
     # tiny runs budget 8 both ways (budgets_below_freeze: frozen_and_trained): the same slices, frozen and trained
     frozen, trained = (json.loads((ws.finetune_dir(f"random-{b}-s0") / "result.json").read_text()) for b in ("8", "8-trained"))
@@ -57,16 +64,18 @@ def test_make_report_tiny_produces_every_output(tiny_report):
     assert ((ws.finetune_dir("random-8-s0") / "labelled_slices.csv").read_text()
             == (ws.finetune_dir("random-8-trained-s0") / "labelled_slices.csv").read_text())
     by_budget = pd.read_csv(ws.tables / "iou_by_budget.csv")
-    assert set(by_budget[by_budget["init"] == "random"]["budget"]) == {"all", "8", "8-trained"}
+    assert set(by_budget[by_budget["init"] == "random"]["budget"]) == {"all", "8", "8-trained", "p1"}
     assert not [n for n in executed if n.endswith((".tmp.ipynb", ".failed.ipynb", ".src.ipynb"))]
-    for name in ("data_samples.png", "pretrain_loss_simsiam.png", "pretrain_loss_both.png", "validation_curves.png",
-                 "budget_curve.png", "ef_agreement.png", "sample_prediction.png"):
+    for name in ("data_samples.png", "pretrain_loss_simsiam.png", "pretrain_loss_all.png", "validation_curves.png",
+                 "budget_curve.png", "ef_agreement.png", "sample_prediction.png", "label_efficiency.png"):
         assert (ws.figures / name).stat().st_size > 1000, name
     for name in ("data_summary.csv", "iou_by_init.csv", "iou_by_budget.csv", "acdc_metrics.csv",
-                 "ef_agreement.csv", "paired_comparisons.csv", "xai_summary.csv"):
+                 "ef_agreement.csv", "paired_comparisons.csv", "xai_summary.csv", "dice_by_budget.csv",
+                 "gains_over_random.csv"):
         assert (ws.tables / name).exists(), name
     html = ws.report_html.read_text()
-    for text in ("Colophon", "imagenet: unavailable", "resnet18-f37072fd.pth", "Seg-Grad-CAM", "Label budgets"):
+    for text in ("Colophon", "imagenet: unavailable", "resnet18-f37072fd.pth", "Seg-Grad-CAM", "Label budgets",
+                 "Does pretraining pay with few labels?", "Masked image modelling"):
         assert text in html, text
     assert (ws.root / "reports" / "report.html").resolve() == ws.report_html.resolve()
 

@@ -187,8 +187,8 @@ def test_plan_names_every_run_deterministically():
     assert [r["name"] for r in runs][:3] == ["random-all-s0", "random-8-s0", "random-8-trained-s0"]
     assert run_name("swav", 150, 2) == "swav-150-s2"
     text = make_variables("tiny", "")
-    assert "RUNS := random-all-s0 random-8-s0 random-8-trained-s0 imagenet-all-s0" in text
-    assert "METHODS := simsiam swav" in text
+    assert "RUNS := random-all-s0 random-8-s0 random-8-trained-s0 random-p1-s0 imagenet-all-s0" in text
+    assert "METHODS := simsiam swav mim glcl" in text
 
 
 def test_paper_check_is_the_paper_profile_made_small():

@@ -45,11 +45,11 @@ def profile(monkeypatch):
 # ------------------------------------------------------------------------------------------ the count
 def test_count_from_headers_equals_prepared_train_split(phantom_sources, tmp_path):
     src = open_source(phantom_sources[0])  # the phantom in the official ACDC NIfTI layout (6 patients)
-    n = P.train_slice_count(src, TINY_SPLIT, 0)
+    n = P.train_counts(src, TINY_SPLIT, 0)[0]
     manifest = prepare_dataset([src], tmp_path / "prep", image_size=32, resize="pad",
                                split_fractions=TINY_SPLIT, split_seed=0)
     assert manifest["counts"]["train_slices"] == n == len(Prepared.open(tmp_path / "prep").slices("train"))
-    assert n == P.train_slice_count(src, TINY_SPLIT, 0)  # deterministic
+    assert n == P.train_counts(src, TINY_SPLIT, 0)[0]  # deterministic
 
 
 def test_count_known_answer_h5(tmp_path, rng):
@@ -58,7 +58,7 @@ def test_count_known_answer_h5(tmp_path, rng):
     src = open_source(folder)
     train = split_patients(src.patients(), TINY_SPLIT, 0)["train"]
     expected = sum(2 * depths[int(p[-3:]) - 1] for p in train)
-    assert P.train_slice_count(src, TINY_SPLIT, 0) == expected
+    assert P.train_counts(src, TINY_SPLIT, 0)[0] == expected
     manifest = prepare_dataset([src], tmp_path / "prep", image_size=32, resize="pad",
                                split_fractions=TINY_SPLIT, split_seed=0)
     assert manifest["counts"]["train_slices"] == expected

@@ -27,8 +27,8 @@ def test_paper_profile_is_the_studys_recipe(paper):
     for words in ("profile paper", "Dice loss", "Adam (lr 1e-4)", "constant learning rate", "40 epochs",
                   "batch 128 (all labels) / 32 (budgets)", "frozen below 1000", "augmentation: flips only",
                   "the whole slice", "224 px", "precision bf16 mixed precision", "This is the study's protocol",
-                  "**Pretraining** (SimSiam and SwAV): up to 100 epochs with early stopping on the validation loss "
-                  "(patience 5), the lowest epoch's encoder kept; views of 224 px, batch 256",
+                  "SimSiam (two augmented views of a slice predict each other (encoder only); encoder transferred): up "
+                  "to 100 epochs, early-stopped on the validation loss (patience 5), views of 224 px, batch 256",
                   "test predictions: one pass per slice, no flips"):
         assert words in text, words
     for words in ("AdamW", "cross-entropy", "weight decay", "warm-up", "rotation", "not the study's", "Note",
@@ -48,7 +48,8 @@ def test_reduced_profile_says_what_differs_from_the_study(paper):
                   "(validated, and the model selected, every 2 / 4 epochs)",
                   "precision fp32 (`trainer.precision: auto`: bf16 not native",
                   "test predictions: the mean probabilities over each slice and its three flips",
-                  "**Pretraining** (SimSiam and SwAV): up to 20 epochs with early stopping", "test-time flips",
+                  "SimSiam (two augmented views of a slice predict each other (encoder only); encoder transferred): up "
+                  "to 20 epochs, early-stopped on the validation loss (patience 2)", "test-time flips",
                   "not the study's protocol", "loss", "field of view", "image size", "freezing",
                   "frozen below 1000 labelled slices (each such budget is also run with the encoder trained, on the "
                   "same slices: the `<budget>-trained` runs"):

@@ -1,30 +1,30 @@
-"""SimSiam and SwAV pretraining of the ResNet18 backbone on 2D cardiac MRI slices.
+"""Self-supervised pretraining of the FPN-ResNet18 on 2D cardiac MRI slices: one registry, one module per method.
 
-One module per concern, in reading order; the public names are gathered here so that notebooks read
-``ssl.train_ssl(...)``:
+- ``registry``  ``Method``, ``METHODS``, ``register``, ``get_method``, ``method_settings``: the one registry;
+- ``simsiam``, ``swav`` (encoder only), ``mim`` (masked image modelling of the whole FPN), ``glcl`` (global +
+  local contrastive, encoder then decoder): one module per method, each registering itself;
+- ``base``      ``SSLModule``: the loop every method shares (losses, guards, collapse monitor);
+- ``views``     grayscale augmentations and view transforms; ``data``: ``SliceDataset``;
+- ``collapse``  the collapse monitor; ``train``: ``train_ssl``; ``checks``: shared argument checks.
 
-- ``views``     grayscale augmentations on tensors ``(1, H, W)`` in [0, 1] and the two methods' view
-  transforms (``make_simsiam_transform``: two views; ``make_swav_transform``: lightly's multi-crop);
-- ``data``      ``SliceDataset``: a stack of slices ``(N, H, W)`` (a numpy memmap is fine) -> list of views;
-- ``collapse``  the collapse monitor ``embedding_std`` / ``is_collapsed`` (SimSiam paper, section 4.1);
-- ``methods``   ``SimSiamModule`` and ``SwAVModule`` (one LightningModule per method) and ``METHODS`` /
-  ``get_method``;
-- ``train``     ``train_ssl``: seeded training with early stopping on ``val_loss``;
-- ``checks``    the argument checks they share.
-
-The backbone and its files (``build_backbone``, ``save_encoder``, ``load_encoder_state``) live in
-:mod:`cmr_utils.encoders`, which the segmentation models load from too; ``save_encoder`` and
-``load_encoder_state`` are re-exported here for the pretraining notebook.
+Adding a method: a module that subclasses ``SSLModule`` and calls ``register(Method(...))``, imported below, and
+its test. The backbone and encoder files live in :mod:`cmr_utils.encoders`.
 """
 from ..encoders import load_encoder_state, save_encoder
 from .collapse import COLLAPSE_THRESHOLD, embedding_std, is_collapsed
 from .data import SliceDataset
-from .methods import METHODS, SimSiamModule, SwAVModule, get_method
-from .train import ENCODER_PREFIX, HISTORY_COLUMNS, train_ssl
-from .views import RandomGamma, make_grayscale_augmentation, make_simsiam_transform, make_swav_transform
+from .registry import METHODS, Method, get_method, method_settings, register
+from . import simsiam, swav, mim, glcl  # noqa: E402  (each registers its method, in the report's order)
+from .simsiam import SimSiamModule
+from .swav import SwAVModule
+from .mim import MaskedImageModule
+from .glcl import GlobalLocalContrastiveModule
+from .train import HISTORY_COLUMNS, save_pretrained, train_ssl
+from .views import RandomGamma, make_grayscale_augmentation, make_native_views, make_simsiam_transform, make_swav_transform
 
 __all__ = [
-    "COLLAPSE_THRESHOLD", "ENCODER_PREFIX", "HISTORY_COLUMNS", "METHODS", "RandomGamma", "SimSiamModule",
-    "SliceDataset", "SwAVModule", "embedding_std", "get_method", "is_collapsed", "load_encoder_state",
-    "make_grayscale_augmentation", "make_simsiam_transform", "make_swav_transform", "save_encoder", "train_ssl",
+    "COLLAPSE_THRESHOLD", "GlobalLocalContrastiveModule", "HISTORY_COLUMNS", "METHODS", "MaskedImageModule", "Method",
+    "RandomGamma", "SimSiamModule", "SliceDataset", "SwAVModule", "embedding_std", "get_method", "is_collapsed",
+    "load_encoder_state", "make_grayscale_augmentation", "make_native_views", "make_simsiam_transform",
+    "make_swav_transform", "method_settings", "register", "save_encoder", "save_pretrained", "train_ssl",
 ]

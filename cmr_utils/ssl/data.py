@@ -1,4 +1,5 @@
-"""The pretraining dataset: a stack of slices (N, H, W) (a numpy memmap is fine) -> list of views."""
+"""The pretraining dataset: a stack of slices (N, H, W) (a numpy memmap is fine) -> list of views (and, for a method
+that needs it, the slice's relative position along the short axis)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,6 +25,7 @@ class SliceDataset(torch.utils.data.Dataset):
         transform: Callable[[Tensor], list[Tensor]],
         *,
         fixed_seed: int | None = None,
+        positions: np.ndarray | None = None,
     ):
         if not isinstance(slices, np.ndarray):
             raise TypeError(f"slices must be a numpy array (N, H, W), got {type(slices).__name__}")
@@ -35,9 +37,15 @@ class SliceDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if fixed_seed is not None:
             fixed_seed = require_int("fixed_seed", fixed_seed, 0)
+        if positions is not None:
+            positions = np.asarray(positions, dtype=np.float32)
+            if positions.shape != (len(slices),) or not ((positions >= 0) & (positions < 1)).all():
+                raise ValueError(f"positions must be one relative position in [0, 1) per slice ({len(slices)}), "
+                                 f"got shape {positions.shape}")
         self.slices = slices
         self.transform = transform
         self.fixed_seed = fixed_seed
+        self.positions = positions
 
     def __len__(self) -> int:
         return int(self.slices.shape[0])
@@ -50,7 +58,11 @@ class SliceDataset(torch.utils.data.Dataset):
             raise ValueError(f"slice {index} has values outside [0, 1] (or non-finite)")
         tensor = torch.from_numpy(image)[None]
         if self.fixed_seed is None:
-            return self.transform(tensor)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.fixed_seed + int(index) % len(self))
-            return self.transform(tensor)
+            views = list(self.transform(tensor))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.fixed_seed + int(index) % len(self))
+                views = list(self.transform(tensor))
+        if self.positions is not None:
+            views.append(torch.tensor(self.positions[index]))
+        return views

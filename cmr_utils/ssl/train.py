@@ -1,10 +1,13 @@
-"""``train_ssl``: seeded SSL pretraining of the backbone, keeping the last epoch or the best ``val_loss``.
+"""``train_ssl``: seeded pretraining with any registered method, keeping the last epoch or the best ``val_loss``;
+``save_pretrained``: its encoder (and decoder) files.
 
-Returns the kept epoch's backbone weights (keys of smp's ResNet18 encoder, checked by
-``cmr_utils.encoders``) with the per-epoch history and the collapse verdict.
+Returns the kept epoch's pretrained parts (the encoder with the keys of smp's ResNet18 encoder, checked by
+``cmr_utils.encoders``; the FPN decoder for whole-network methods) with the per-epoch history and, for methods
+with an embedding, the collapse verdict.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -14,15 +17,15 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ..encoders import validated_encoder_state
+from ..encoders import save_encoder, validated_encoder_state
+from ..files import atomic_write
 from ..distributed import OneThreadWhenForked
 from ..training import FORK_STRATEGIES, EpochLine, quiet_lightning, require_bf16_safe_input
 from .checks import require_float, require_int
 from .collapse import is_collapsed
 from .data import SliceDataset
-from .methods import get_method
+from .registry import get_method
 
-ENCODER_PREFIX = "backbone."  # how the backbone's keys appear inside a LightningModule checkpoint
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "embedding_std", "embedding_std_ratio"]
 
 
@@ -65,8 +68,13 @@ def train_ssl(
     trainer_kwargs: dict[str, Any] | None = None,
     method_kwargs: dict[str, Any] | None = None,
     keep: str = "best",
+    train_positions: np.ndarray | None = None,
+    val_positions: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Pretrain the backbone with ``method`` ("simsiam" or "swav") and return the kept epoch's weights.
+    """Pretrain with ``method`` (a name in ``cmr_utils.ssl.METHODS``) and return the kept epoch's weights.
+
+    ``train_positions`` / ``val_positions``: each slice's relative position in [0, 1) along its volume's short
+    axis, for a method whose registry entry says ``positions`` (global + local contrastive).
 
     ``keep="best"``: early stopping and the kept checkpoint both follow ``val_loss`` (validation views are
     fixed per slice, so the curve is not augmentation noise). ``keep="last"``: every epoch runs and the last
@@ -78,11 +86,14 @@ def train_ssl(
     limit_*_batches...; default CPU). The transform's own options are set through
     ``method_kwargs["transform_kwargs"]``.
 
-    Returns {"backbone_state", "history" (DataFrame: epoch, train_loss, val_loss, embedding_std,
-    embedding_std_ratio), "epochs_run", "best_val_loss", "best_epoch", "collapsed", "embedding_dim",
-    "best_checkpoint", "log_dir"}.
+    Returns {"states" ({"encoder": ..., "decoder": ...} as the method transfers them), "backbone_state" (the
+    encoder), "history" (DataFrame: epoch, train_loss, val_loss, embedding_std, embedding_std_ratio; the last two
+    empty for a method without an embedding), "epochs_run", "best_val_loss", "best_epoch", "collapsed" (False
+    without an embedding), "embedding_dim", "best_checkpoint", "log_dir"}.
     """
     spec = get_method(method)
+    if spec.positions and (train_positions is None or val_positions is None):
+        raise ValueError(f"{method} needs train_positions and val_positions (each slice's place along the short axis)")
     _check_slices("train_slices", train_slices)
     _check_slices("val_slices", val_slices)
     image_size = require_int("image_size", image_size, 8)
@@ -120,13 +131,15 @@ def train_ssl(
                          "(trainer.devices x trainer.num_nodes)")
     if len(val_slices) < processes:
         raise ValueError(f"val_slices has {len(val_slices)} slices, fewer than the {processes} processes")
-    transform = spec["transform"](image_size, **transform_kwargs)
+    transform = spec.views(image_size, **transform_kwargs)
+    positions = (train_positions, val_positions) if spec.positions else (None, None)
     # the smallest view of one slice (a fixed seed: the global random state is left alone)
     smallest = min(min(view.shape[-2:]) for view in SliceDataset(val_slices, transform, fixed_seed=seed)[0])
     require_bf16_safe_input(
         smallest, trainer_kwargs.get("precision", "32-true"), trainer_kwargs.get("accelerator", "cpu"),
         f"the smallest {method} view (image_size {image_size}"
-        + ("; local views: transform_kwargs local_size, by default image_size // 2)" if method == "swav" else ")"),
+        + ("; local views: transform_kwargs local_size, by default image_size // 2)" if "local_size" in
+           inspect.signature(spec.views).parameters else ")"),
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,9 +147,9 @@ def train_ssl(
     with quiet_lightning():
         pl.seed_everything(seed, workers=True)
         # the model first after seeding: its initial weights depend on the seed alone
-        model = spec["model"](lr=lr, max_epochs=max_epochs, **method_kwargs)
+        model = spec.model(lr=lr, max_epochs=max_epochs, **method_kwargs)
         train_loader = torch.utils.data.DataLoader(
-            SliceDataset(train_slices, transform),
+            SliceDataset(train_slices, transform, positions=positions[0]),
             batch_size=batch_size // processes,
             shuffle=True,
             drop_last=True,
@@ -145,7 +158,7 @@ def train_ssl(
             generator=torch.Generator().manual_seed(seed),
         )
         val_loader = torch.utils.data.DataLoader(
-            SliceDataset(val_slices, transform, fixed_seed=seed),
+            SliceDataset(val_slices, transform, fixed_seed=seed, positions=positions[1]),
             batch_size=batch_size // processes,
             shuffle=False,
             drop_last=False,
@@ -181,7 +194,7 @@ def train_ssl(
             max_epochs=max_epochs,
             callbacks=[*stopping, checkpoint,
                        EpochLine(method, n_images=len(train_loader) * (batch_size // processes),
-                                 monitor="embedding_std_ratio"),
+                                 monitor="embedding_std_ratio" if model.embedding_dim else "val_loss"),
                        *([OneThreadWhenForked()] if options.get("strategy") in FORK_STRATEGIES else [])],
             logger=logger,
             default_root_dir=str(out_dir),
@@ -195,27 +208,46 @@ def train_ssl(
     if not best_path or not Path(best_path).exists():
         raise RuntimeError(f"{method} pretraining saved no checkpoint (was val_loss ever logged?)")
     saved = torch.load(best_path, map_location="cpu", weights_only=True)
-    backbone_state = {
-        key[len(ENCODER_PREFIX):]: value
-        for key, value in saved["state_dict"].items()
-        if key.startswith(ENCODER_PREFIX)
-    }
-    backbone_state = validated_encoder_state(backbone_state, source=best_path)
+    model.load_state_dict(saved["state_dict"])
+    states = {part: {k: v.detach().cpu().clone() for k, v in state.items()}
+              for part, state in model.transfer_state().items()}
+    states["encoder"] = validated_encoder_state(states["encoder"], source=best_path)
     history = _history_from_csv(Path(logger.log_dir) / "metrics.csv")
     best_epoch = int(saved["epoch"])
     best_rows = history[history["epoch"] == best_epoch]
-    if best_rows.empty or not np.isfinite(best_rows["embedding_std"].iloc[0]):
-        raise RuntimeError(f"no embedding_std logged for the best epoch {best_epoch} of {method}")
-    best_std = float(best_rows["embedding_std"].iloc[0])
+    if best_rows.empty:
+        raise RuntimeError(f"no validation loss logged for the kept epoch {best_epoch} of {method}")
+    collapsed = False
+    if model.embedding_dim:
+        if not np.isfinite(best_rows["embedding_std"].iloc[0]):
+            raise RuntimeError(f"no embedding_std logged for the best epoch {best_epoch} of {method}")
+        collapsed = is_collapsed(float(best_rows["embedding_std"].iloc[0]), model.embedding_dim)
     return {
-        "backbone_state": backbone_state,
+        "states": states,
+        "backbone_state": states["encoder"],
         "history": history,
         "epochs_run": len(history),
         # from the history: the fork-based launcher (ddp_notebook) does not hand the checkpoint's score back
         "best_val_loss": float(best_rows["val_loss"].iloc[0]),
         "best_epoch": best_epoch,
-        "collapsed": is_collapsed(best_std, model.embedding_dim),
+        "collapsed": collapsed,
         "embedding_dim": model.embedding_dim,
         "best_checkpoint": str(best_path),
         "log_dir": str(logger.log_dir),
     }
+
+
+def save_pretrained(states: dict[str, dict], encoder_path: str | os.PathLike, metadata: dict[str, Any]) -> list[Path]:
+    """Write what a method pretrained: the encoder to ``encoder_path`` (with its JSON sidecar, ``save_encoder``)
+    and, when there is one, the decoder to ``decoder.pt`` beside it (keys of smp's FPN decoder). Each file is
+    written atomically; a stale decoder of an earlier run of an encoder-only method is removed."""
+    encoder_path = Path(encoder_path)
+    written = [save_encoder(states["encoder"], encoder_path, {**metadata, "parts": sorted(states)})]
+    decoder_path = encoder_path.with_name("decoder.pt")
+    if "decoder" in states:
+        decoder = {k: v.detach().cpu().clone() for k, v in states["decoder"].items()}
+        atomic_write(decoder_path, lambda temp: torch.save(decoder, temp))
+        written.append(decoder_path)
+    else:
+        decoder_path.unlink(missing_ok=True)
+    return written

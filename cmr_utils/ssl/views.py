@@ -1,7 +1,9 @@
-"""Grayscale augmentations of one MRI slice and the two methods' view transforms.
+"""Grayscale augmentations of one MRI slice and the methods' view transforms.
 
 Tensors (1, H, W) float in [0, 1]; pure-Python torchvision ops only. ``make_simsiam_transform`` gives two
-views, ``make_swav_transform`` lightly's multi-crop (two global views, then local ones).
+views, ``make_swav_transform`` lightly's multi-crop (two global views, then local ones); the dense methods take
+views at the slice's own pixel size (``make_native_views``: one crop and flip shared by every view, so that pixel
+(i, j) of one view is pixel (i, j) of the others, then each view its own intensity changes).
 """
 from __future__ import annotations
 
@@ -161,3 +163,52 @@ def make_swav_transform(
         crop_max_scales=(global_scale[1], local_scale[1]),
         transforms=augmentation,
     )
+
+
+def make_intensity_augmentation(*, brightness: float = 0.3, contrast: float = 0.3, jitter_prob: float = 0.8,
+                                gamma_range: tuple[float, float] = (0.7, 1.5), gamma_prob: float = 0.5,
+                                blur_sigma: tuple[float, float] = (0.1, 1.0), blur_prob: float = 0.3,
+                                blur_kernel_size: int = 5) -> v2.Compose:
+    """Intensity changes only (no geometry): brightness and contrast, gamma, blur; (1, H, W) in [0, 1]."""
+    blur_sigma = require_range("blur_sigma", blur_sigma, 1e-3, 100.0)
+    for name, prob in (("jitter_prob", jitter_prob), ("gamma_prob", gamma_prob), ("blur_prob", blur_prob)):
+        if not 0.0 <= require_float(name, prob, 0.0, strict=False) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {prob}")
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(brightness=require_float("brightness", brightness, 0.0, strict=False),
+                                       contrast=require_float("contrast", contrast, 0.0, strict=False))],
+                       p=jitter_prob),
+        v2.RandomApply([RandomGamma(gamma_range)], p=gamma_prob),
+        v2.RandomApply([v2.GaussianBlur(require_int("blur_kernel_size", blur_kernel_size, 1), sigma=blur_sigma)],
+                       p=blur_prob),
+        _ClampUnit(),
+    ])
+
+
+class NativeViews:
+    """``n_views`` views of one slice at its own pixel size: one random ``image_size`` crop (zero-padded where the
+    slice is smaller) and one random flip pair shared by every view, then an independent intensity augmentation per
+    view (none with ``intensity=False``)."""
+
+    def __init__(self, image_size: int, n_views: int, intensity: bool = True, **intensity_kwargs: Any):
+        self.image_size = require_int("image_size", image_size, 8)
+        self.n_views = require_int("n_views", n_views, 1)
+        self.geometry = v2.Compose([
+            _CheckSlice(),
+            v2.RandomCrop(self.image_size, pad_if_needed=True, fill=0.0),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomVerticalFlip(p=0.5),
+        ])
+        self.intensity = make_intensity_augmentation(**intensity_kwargs) if intensity else _ClampUnit()
+
+    def __call__(self, image: Tensor) -> list[Tensor]:
+        shared = self.geometry(image)
+        return [self.intensity(shared) for _ in range(self.n_views)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, n_views={self.n_views})"
+
+
+def make_native_views(image_size: int, n_views: int = 1, **kwargs: Any) -> NativeViews:
+    """Views for the dense methods (masked image modelling: one; global + local contrastive: two)."""
+    return NativeViews(image_size, n_views, **kwargs)

@@ -1,0 +1,63 @@
+"""Does pretraining pay with few labels? The patient-budget tables, the gain of each method over random
+initialisation, and the answer in words (stage 04 writes them, the report shows them).
+
+The unit is the field's: labelled training patients (``p1``, ``p3``, ``p7``: every slice of 1, 3 or 7 patients,
+the SSL4MIS semi-supervised ACDC settings) and, beside them, the study's slice budgets. The value is the 3D Dice of
+a test patient and phase on the volume's own grid, mean over RV, MYO and LV; intervals are 95 % patient-level
+bootstrap intervals (seeds pooled, the test patients the independent units), differences paired on (seed, patient,
+phase) with ``cmr_utils.stats``.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from . import stats
+from .budgets import budget_order, patient_count
+
+KEYS = ["seed", "patient", "phase"]
+
+
+def dice_by_budget(volume_dice: pd.DataFrame) -> pd.DataFrame:
+    """Mean test Dice and its patient-bootstrap interval per (init, budget), budgets in ``budget_order``.
+    ``volume_dice``: init, budget, seed, patient, phase, dice (one row per test volume of one run)."""
+    table = stats.bootstrap_mean_ci(volume_dice.assign(budget=volume_dice["budget"].astype(str)), "dice",
+                                    by=["init", "budget"])
+    table["labelled_patients"] = table["budget"].map(patient_count)
+    return table.sort_values(["budget", "init"], key=lambda c: c.map(budget_order) if c.name == "budget" else c,
+                             ignore_index=True)
+
+
+def gains_over_random(volume_dice: pd.DataFrame, baseline: str = "random") -> pd.DataFrame:
+    """Each initialisation minus ``baseline`` at each budget, paired on (seed, patient, phase): ``mean_diff`` with
+    its 95 % patient-bootstrap interval and p values (``stats.pairwise_comparisons``, Holm within a budget)."""
+    rows = []
+    for budget, group in volume_dice.assign(budget=volume_dice["budget"].astype(str)).groupby("budget"):
+        if baseline not in set(group["init"]) or group["init"].nunique() < 2:
+            continue
+        rows.append(stats.pairwise_comparisons(group, "init", KEYS, "dice", baseline=baseline).assign(budget=budget))
+    if not rows:
+        return pd.DataFrame(columns=["budget", "init", "mean_diff", "ci_low", "ci_high"])
+    table = pd.concat(rows, ignore_index=True).rename(columns={"b": "init"}).drop(columns="a")
+    table.insert(0, "budget", table.pop("budget"))
+    return table.sort_values(["budget", "init"], key=lambda c: c.map(budget_order) if c.name == "budget" else c,
+                             ignore_index=True)
+
+
+def answer(gains: pd.DataFrame, display: dict[str, str] | None = None) -> str:
+    """The answer in one paragraph: per budget, the best pretraining's gain over random with its interval, and whether
+    the interval lies above 0 (pays), below 0 (costs) or spans 0 (no measurable difference)."""
+    if gains.empty:
+        return "No budget has both random initialisation and a pretrained one: no answer to give."
+    display = display or {}
+    lines, paid = [], []
+    for budget, group in gains.groupby("budget", sort=False):
+        best = group.loc[group["mean_diff"].idxmax()]
+        verdict = ("pays" if best["ci_low"] > 0 else "costs" if best["ci_high"] < 0 else "makes no measurable "
+                   "difference")
+        if best["ci_low"] > 0:
+            paid.append(f"{budget} ({display.get(best['init'], best['init'])})")
+        lines.append(f"{budget}: best {display.get(best['init'], best['init'])} {best['mean_diff']:+.3f} "
+                     f"[{best['ci_low']:+.3f}, {best['ci_high']:+.3f}] — {verdict}")
+    head = (f"**Pretraining pays** (interval above 0) at {', '.join(paid)}." if paid else
+            "**Pretraining does not pay** at any budget here: no method's interval over random lies above 0.")
+    return head + " Best method minus random, test Dice paired over patients and seeds: " + "; ".join(lines) + "."

@@ -1,0 +1,55 @@
+"""Tests of cmr_utils.label_efficiency and evaluate.reference_budget: known answers on synthetic per-volume Dice."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cmr_utils import label_efficiency as le
+from cmr_utils.evaluate import reference_budget
+
+
+def volume_dice(shift: dict[tuple[str, str], float], patients: int = 8, seeds=(0, 1)) -> pd.DataFrame:
+    """Random's Dice varies by patient; each (init, budget) adds its ``shift`` on every patient, phase and seed."""
+    rng = np.random.default_rng(0)
+    base = {f"p{i:02d}": 0.5 + 0.3 * rng.random() for i in range(patients)}
+    rows = [{"init": init, "budget": budget, "seed": s, "patient": p, "phase": ph, "dice": base[p] + d}
+            for (init, budget), d in shift.items() for s in seeds for p in base for ph in ("ED", "ES")]
+    return pd.DataFrame(rows)
+
+
+def test_budget_order_patients_then_slices_then_all():
+    budgets = ["all", "150-trained", "p7", "150", "p1", "20", "p3"]
+    assert sorted(budgets, key=le.budget_order) == ["p1", "p3", "p7", "20", "150", "150-trained", "all"]
+
+
+def test_gains_are_the_paired_differences_and_the_answer_says_where_it_pays():
+    df = volume_dice({("random", "p3"): 0.0, ("glcl", "p3"): 0.1, ("mim", "p3"): 0.02,
+                      ("random", "150"): 0.0, ("glcl", "150"): -0.03, ("mim", "150"): 0.0})
+    gains = le.gains_over_random(df)
+    assert list(gains["budget"]) == ["p3", "p3", "150", "150"]
+    glcl = gains[(gains["budget"] == "p3") & (gains["init"] == "glcl")].iloc[0]
+    assert glcl["mean_diff"] == pytest.approx(0.1) and glcl["ci_low"] == pytest.approx(0.1)
+    assert glcl["n_patients"] == 8 and glcl["n_pairs"] == 32
+    text = le.answer(gains, {"glcl": "Global + local contrastive"})
+    assert text.startswith("**Pretraining pays** (interval above 0) at p3 (Global + local contrastive).")
+    assert "150: best mim +0.000 [+0.000, +0.000] — makes no measurable difference" in text
+    none = le.answer(le.gains_over_random(df[df["budget"] == "150"]))
+    assert none.startswith("**Pretraining does not pay**")
+
+
+def test_dice_by_budget_has_intervals_and_patient_counts():
+    df = volume_dice({("random", "p1"): 0.0, ("random", "p7"): 0.05, ("random", "150"): 0.1})
+    table = le.dice_by_budget(df)
+    assert list(table["budget"]) == ["p1", "p7", "150"]
+    assert list(table["labelled_patients"].fillna(0)) == [1, 7, 0]
+    assert (table["ci_low"] <= table["mean"]).all() and (table["mean"] <= table["ci_high"]).all()
+    assert table["mean"].diff().dropna().to_numpy() == pytest.approx([0.05, 0.05])
+
+
+def test_reference_budget_is_all_or_the_largest_trained_budget():
+    runs = pd.DataFrame({"budget": ["p1", "p7", "150"], "n_labelled": [20, 140, 150], "status": "ok",
+                         "frozen_encoder": [False, False, True]})
+    assert reference_budget(runs) == "p7"  # 150 has more slices, but its encoder was frozen
+    assert reference_budget(pd.concat([runs, pd.DataFrame({"budget": ["all"], "n_labelled": [1020], "status": "ok",
+                                                           "frozen_encoder": [False]})])) == "all"
