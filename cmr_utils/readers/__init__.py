@@ -22,6 +22,9 @@ layout             files                                                        
 ``mnms``           M&Ms challenge release: ``<code>/<code>_sa.nii.gz`` (4D cine),          from header
                    ``<code>/<code>_sa_gt.nii.gz`` (ED and ES frames labelled 1 LV, 2 MYO,
                    3 RV; remapped to ACDC's), the release's CSV (vendor, centre, ED, ES)
+``dicom``          DICOM files as a scanner exports them, any depth, grouped by PatientID  from headers
+                   and SeriesInstanceUID, ordered by the headers (``readers.dicom``);
+                   Sunnybrook's ``contourfiles/`` + ``link.csv`` label LV and MYO
 ``nifti-pairs``    a folder of ``<case>.nii.gz`` (3D, or 4D cine) with an optional          from header
                    ``<case>_gt.nii.gz`` beside each; ACDC's labels unless remapped
 =================  ==================================================================  ============
@@ -38,13 +41,14 @@ The source data are only ever read. Every problem with a file raises ``DataError
 from .acdc import AcdcH5, AcdcNifti, parse_info_cfg
 from .base import ACDC_LABELS, LA_LABELS, CardiacVolume, DataError, Scan, Source, parse_label_map
 from .decathlon import Decathlon
+from .dicom import Dicom
 from .la2018 import La2018H5
 from .layouts import LAYOUTS, detect_layout, locate_layout, open_source
 from .mnms import MnMs
 from .nifti_pairs import NiftiPairs
 
 __all__ = [
-    "ACDC_LABELS", "LA_LABELS", "LAYOUTS", "AcdcH5", "AcdcNifti", "CardiacVolume", "DataError", "Decathlon",
+    "ACDC_LABELS", "LA_LABELS", "LAYOUTS", "AcdcH5", "AcdcNifti", "CardiacVolume", "DataError", "Decathlon", "Dicom",
     "La2018H5", "MnMs", "NiftiPairs", "Scan", "Source", "detect_layout", "locate_layout", "open_source",
     "parse_info_cfg", "parse_label_map",
 ]

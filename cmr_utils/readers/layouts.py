@@ -8,13 +8,14 @@ from pathlib import Path
 from .acdc import AcdcH5, AcdcNifti
 from .base import DataError, Source
 from .decathlon import Decathlon
+from .dicom import Dicom
 from .la2018 import La2018H5
 from .mnms import MnMs
 from .nifti_pairs import NiftiPairs
 
 # the first layout that matches a folder reads it: nifti-pairs, the most general, comes last
 LAYOUTS: dict[str, type[Source]] = {cls.layout: cls for cls in (AcdcNifti, AcdcH5, Decathlon, La2018H5, MnMs,
-                                                                  NiftiPairs)}
+                                                                  Dicom, NiftiPairs)}
 
 
 def _check_folder(folder: Path) -> None:

@@ -1,0 +1,568 @@
+"""DICOM as a scanner exports it (``dicom``): a folder, at any depth, of one file per image, read as series.
+
+Files are grouped by PatientID and SeriesInstanceUID; the headers alone decide the order, never the file names
+nor the InstanceNumbers: slices by their position along the slice normal (ImagePositionPatient · the cross
+product of ImageOrientationPatient's row and column directions, ascending), and within a slice location the
+cardiac phases by TriggerTime (InstanceNumber where a series has no TriggerTime). A cine (several phases per
+location) becomes frames (T, Z, H, W) like a 4D NIfTI's; a series of one phase is one 3D volume. The voxel
+spacing (z, y, x) and the affine (``meta["affine"]``: RAS, on the (X column, Y row, Z slice) axes NIfTI files
+use) come from the headers.
+
+What is not one short-axis stack is never silently reordered: a series mixing orientations or image sizes,
+with a phase missing at some slice locations, with uneven gaps between slice locations, with non-MR images or
+multi-frame files is an error naming its files; whole series that are not MR (structured reports, presentation
+states...) or are localisers (ImageType LOCALIZER), and localiser images inside a series, are skipped with a
+warning on the ``cmr_utils.readers.dicom`` logger that names them. Compressed transfer syntaxes are decoded by
+pydicom's pixel-data plugins; one without an installed plugin is an error naming the file and the syntax.
+
+Sunnybrook Cardiac Data (Radau et al. 2009): where ``link.csv`` (patient_id = the DICOM PatientID, original_id
+= the challenge's name) and ``contourfiles/<original_id>/{i,o}-contours/IM-0001-NNNN-{i,o}contour-manual.txt``
+lie in the folder (or beside it, when the folder is ``dicoms/``), the hand-drawn contours are labels: the
+filled inner contour (LV endocardium) is the LV cavity (3), the ring between the outer (epicardium) and the
+inner contour is the myocardium (2); there is no RV label. Contour NNNN belongs to the image whose
+InstanceNumber is NNNN. The labelled volumes are the contoured frames, each holding only the slices that have
+contours (``meta["slices"]``: their indices in the frame's full stack). A frame contoured with inner contours
+only (Sunnybrook's ES frames, and a few slices of some ED frames) labels the LV cavity alone: there the
+myocardium is background in the label although it is not known. ``meta["myo_labelled"]`` says per slice of the
+volume whether its outer contour exists, and ``meta["unlabelled"]`` names the structures the volume does not
+label on every slice (``("RV",)`` where every slice has both contours, else ``("RV", "MYO")``). An outer contour
+that leaves more than 5 % of its inner contour's cavity outside it is ignored with a warning naming both files
+(the shared copy's SC-HF-I-6 outer contours are byte-identical to SC-HF-I-1's), so that slice labels the LV only. The metrics do
+not read these yet: MYO and RV scores on such volumes are not meaningful, LV scores are.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .base import ACDC_LABELS, CardiacVolume, DataError, Scan, Source, _check_image
+
+log = logging.getLogger(__name__)
+
+# suffixes of files that are certainly not DICOM (skipped without opening them)
+NOT_DICOM = {".nii", ".gz", ".h5", ".hdf5", ".csv", ".txt", ".json", ".cfg", ".md", ".png", ".jpg", ".jpeg",
+             ".npy", ".npz", ".pdf", ".xml", ".zip", ".py", ".yaml", ".yml", ".pt", ".ckpt"}
+POSITION_TOL = 0.1  # mm along the slice normal: images closer than this share a slice location
+ORIENTATION_TOL = 1e-3  # direction cosines that differ by less are one orientation
+MAX_LV_OUTSIDE = 0.05  # an outer contour leaving more of the inner contour's cavity outside is not its epicardium
+MAX_PROBES = 2000  # files ``matches`` opens before it gives up on a folder
+SUNNYBROOK_CONTOUR = re.compile(r"IM-\d+-(?P<n>\d+)-(?P<kind>[io])contour-manual\.txt$")
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: a 128-byte preamble, then ``DICM``."""
+    if path.name.startswith(".") or path.suffix.lower() in NOT_DICOM:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _names(paths, n: int = 5) -> str:
+    paths = list(paths)
+    shown = ", ".join(str(p) for p in paths[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------- headers
+@dataclass(frozen=True)
+class DicomImage:
+    """What the reader needs from one file's header."""
+
+    path: Path
+    patient: str
+    series: str  # SeriesInstanceUID
+    series_number: int | None
+    modality: str
+    localiser: bool
+    rows: int | None
+    columns: int | None
+    n_frames: int
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row direction, then column direction
+    position: tuple[float, ...] | None  # ImagePositionPatient of the first pixel, mm
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) mm
+    trigger_time: float | None
+    instance: int | None
+    slice_thickness: float | None
+    slice_gap: float | None  # SpacingBetweenSlices
+
+
+def _float(value) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+@contextmanager
+def _lenient():
+    """pydicom without its warnings about values off the standard's format (Sunnybrook's UIDs with leading
+    zeros), which it raises when a value is first used: the reader checks the values it uses itself."""
+    from pydicom import config
+
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = mode
+
+
+def _dcmread(path: Path, **kwargs):
+    from pydicom import dcmread
+
+    try:
+        return dcmread(path, **kwargs)
+    except Exception as err:  # pydicom raises several types for truncated or non-DICOM files
+        raise DataError(f"{path}: cannot read DICOM file ({type(err).__name__}: {err})") from err
+
+
+def read_header(path: Path, root: Path) -> DicomImage:
+    with _lenient():
+        return _header(path, root)
+
+
+def _header(path: Path, root: Path) -> DicomImage:
+    ds = _dcmread(path, stop_before_pixels=True)
+    patient = str(ds.get("PatientID", "") or "").strip()
+    if not patient:  # no PatientID: the first folder under the source's root names the patient
+        rel = path.relative_to(root)
+        patient = rel.parts[0] if len(rel.parts) > 1 else root.name
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    instance = ds.get("InstanceNumber")
+    number = ds.get("SeriesNumber")
+    return DicomImage(
+        path=path, patient=patient, series=str(ds.get("SeriesInstanceUID", "") or f"no-uid:{path.parent}"),
+        series_number=int(number) if number not in (None, "") else None,
+        modality=str(ds.get("Modality", "") or "").upper(), localiser="LOCALIZER" in image_type,
+        rows=ds.get("Rows"), columns=ds.get("Columns"), n_frames=int(ds.get("NumberOfFrames", 1) or 1),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6), position=_floats(ds.get("ImagePositionPatient"), 3),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2), trigger_time=_float(ds.get("TriggerTime")),
+        instance=int(instance) if instance not in (None, "") else None,
+        slice_thickness=_float(ds.get("SliceThickness")), slice_gap=_float(ds.get("SpacingBetweenSlices")))
+
+
+def read_pixels(image: DicomImage) -> np.ndarray:
+    """The image's stored values with the modality rescale applied, float32 (rows, columns)."""
+    with _lenient():
+        return _pixels(image)
+
+
+def _pixels(image: DicomImage) -> np.ndarray:
+    ds = _dcmread(image.path)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        data = ds.pixel_array
+    except Exception as err:  # a missing decoder plugin raises RuntimeError; corrupt data several types
+        name = f"{syntax.name} ({syntax})" if syntax is not None else "unknown"
+        raise DataError(f"{image.path}: cannot decode the pixel data, transfer syntax {name}: "
+                        f"{type(err).__name__}: {err}") from err
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) != "MONOCHROME2" or data.ndim != 2:
+        raise DataError(f"{image.path}: expected one greyscale (MONOCHROME2) image, got "
+                        f"{ds.get('PhotometricInterpretation')} of shape {data.shape}")
+    slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
+    data = data.astype(np.float32)
+    if slope is not None and slope != 1.0:
+        data *= np.float32(slope)
+    if intercept:
+        data += np.float32(intercept)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- series
+@dataclass
+class DicomSeries:
+    """One series put in order: ``grid[z][t]`` is the image at slice location z (ascending along the normal)
+    and phase t."""
+
+    patient: str
+    uid: str
+    number: int | None
+    grid: list[list[DicomImage]]
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    affine: np.ndarray  # 4 x 4, RAS, on NIfTI's (X column, Y row, Z slice) axes
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(T, Z, H, W)."""
+        first = self.grid[0][0]
+        return len(self.grid[0]), len(self.grid), int(first.rows), int(first.columns)
+
+    @property
+    def folder(self) -> Path:
+        """The deepest folder that holds every file of the series."""
+        return Path(os.path.commonpath([str(img.path.parent) for row in self.grid for img in row]))
+
+    def files(self) -> list[Path]:
+        return [img.path for row in self.grid for img in row]
+
+    def frames(self) -> np.ndarray:
+        """Voxels (T, Z, H, W) float32."""
+        return np.stack([np.stack([read_pixels(self.grid[z][t]) for z in range(len(self.grid))])
+                         for t in range(len(self.grid[0]))])
+
+
+def _phase_order(images: list[DicomImage], where: str) -> list[DicomImage]:
+    """The images of one slice location in cardiac-phase order: by TriggerTime, else by InstanceNumber; two
+    images at one time (or with one InstanceNumber) are an error naming them."""
+    if all(img.trigger_time is not None for img in images):
+        key, what = (lambda img: img.trigger_time), "TriggerTime"
+    elif all(img.instance is not None for img in images):
+        key, what = (lambda img: img.instance), "InstanceNumber"
+    else:
+        lacking = [img.path for img in images if img.instance is None]
+        raise DataError(f"{where}: cannot order the phases: neither TriggerTime nor InstanceNumber in {_names(lacking)}")
+    ordered = sorted(images, key=lambda img: (key(img), img.instance or 0))
+    for a, b in zip(ordered, ordered[1:]):
+        if key(a) == key(b):
+            raise DataError(f"{where}: two images at one slice location with the same {what} {key(a)}: "
+                            f"{a.path} and {b.path} (a repeated acquisition in the series?)")
+    return ordered
+
+
+def assemble_series(images: list[DicomImage]) -> DicomSeries:
+    """Order the images of one series into slice locations x phases; any inconsistency is a DataError that
+    names the files concerned."""
+    first = images[0]
+    where = f"series {first.series} of patient {first.patient} ({first.path.parent})"
+    not_mr = [img.path for img in images if img.modality != "MR"]
+    if not_mr:
+        raise DataError(f"{where}: non-MR images ({sorted({img.modality for img in images} - {'MR'})}) in an MR "
+                        f"series: {_names(not_mr)}")
+    multi = [img.path for img in images if img.n_frames > 1]
+    if multi:
+        raise DataError(f"{where}: multi-frame (enhanced) DICOM files are not supported: {_names(multi)}")
+    for attr, name in (("orientation", "ImageOrientationPatient"), ("position", "ImagePositionPatient"),
+                       ("pixel_spacing", "PixelSpacing"), ("rows", "Rows"), ("columns", "Columns")):
+        lacking = [img.path for img in images if getattr(img, attr) is None]
+        if lacking:
+            raise DataError(f"{where}: no {name} in {_names(lacking)}")
+    sizes = defaultdict(list)
+    for img in images:
+        sizes[(int(img.rows), int(img.columns))].append(img.path)
+    if len(sizes) > 1:
+        raise DataError(f"{where}: images of different sizes (rows x columns) in one series: " +
+                        "; ".join(f"{r}x{c}: {_names(p, 3)}" for (r, c), p in sorted(sizes.items())))
+    ref = np.array(first.orientation)
+    odd = [img.path for img in images if np.abs(np.array(img.orientation) - ref).max() > ORIENTATION_TOL]
+    if odd:
+        raise DataError(f"{where}: mixed orientations: {_names(odd)} differ from {first.path} "
+                        f"(ImageOrientationPatient {list(ref)})")
+    odd = [img.path for img in images if not np.allclose(img.pixel_spacing, first.pixel_spacing, atol=1e-4)]
+    if odd:
+        raise DataError(f"{where}: mixed PixelSpacing: {_names(odd)} differ from {first.path} {first.pixel_spacing}")
+    row_dir, col_dir = ref[:3], ref[3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1) > 1e-2 or abs(float(row_dir @ col_dir)) > 1e-2:
+        raise DataError(f"{where}: ImageOrientationPatient {list(ref)} of {first.path} is not two orthogonal "
+                        "unit vectors")
+
+    # slice locations: positions along the normal, split where consecutive ones are further apart than the tolerance
+    by_position = sorted(images, key=lambda img: float(np.dot(img.position, normal)))
+    locations, current, last = [], [], None
+    for img in by_position:
+        s = float(np.dot(img.position, normal))
+        if last is not None and s - last > POSITION_TOL:
+            locations.append(current)
+            current = []
+        current.append(img)
+        last = s
+    locations.append(current)
+    counts = [len(loc) for loc in locations]
+    n_phases = max(set(counts), key=lambda c: (counts.count(c), c))
+    short = [i for i, c in enumerate(counts) if c != n_phases]
+    if short:
+        detail = "; ".join(f"{float(np.dot(locations[i][0].position, normal)):.2f} mm: {counts[i]} image(s) "
+                           f"({_names([img.path for img in locations[i]], 3)})" for i in short[:4])
+        raise DataError(f"{where}: {len(locations)} slice locations with {n_phases} phases each, except {detail}; "
+                        "missing or extra phases (or images of another slice stack) cannot be put in order")
+    grid = [_phase_order(loc, where) for loc in locations]
+    positions = np.array([float(np.dot(loc[0].position, normal)) for loc in grid])
+
+    if len(grid) > 1:
+        gaps = np.diff(positions)
+        dz, smallest = float(np.median(gaps)), float(gaps.min())
+        uneven = np.flatnonzero(np.abs(gaps - smallest) > max(0.1, 0.05 * smallest))
+        if uneven.size:
+            i = int(uneven[0])
+            raise DataError(f"{where}: uneven slice gaps ({smallest:.2f} mm, but {gaps[i]:.2f} mm between "
+                            f"{grid[i][0].path} and {grid[i + 1][0].path}): a slice location missing?")
+    else:
+        dz = first.slice_gap or first.slice_thickness
+        if dz is None or dz <= 0:
+            raise DataError(f"{where}: one slice location and neither SpacingBetweenSlices nor SliceThickness "
+                            f"in {first.path}")
+    row_step, col_step = first.pixel_spacing  # DICOM: between rows (y), between columns (x)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_step  # +1 column (NIfTI X)
+    lps[:3, 1] = col_dir * row_step  # +1 row (NIfTI Y)
+    lps[:3, 2] = normal * dz  # +1 slice location (NIfTI Z)
+    lps[:3, 3] = grid[0][0].position
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+    return DicomSeries(first.patient, first.series, first.series_number, grid,
+                       (float(dz), float(row_step), float(col_step)), affine)
+
+
+# ---------------------------------------------------------------------------------------------- Sunnybrook
+def _sunnybrook_root(folder: Path) -> Path | None:
+    for root in (folder, folder.parent):
+        if (root / "link.csv").is_file() and (root / "contourfiles").is_dir():
+            return root
+    return None
+
+
+def read_contour(path: Path) -> np.ndarray:
+    """Points (N, 2) as (x column, y row) in pixels."""
+    try:
+        points = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise DataError(f"{path}: expected one 'x y' point per line ({err})") from err
+    if points.shape[1] != 2 or len(points) < 3:
+        raise DataError(f"{path}: expected at least 3 'x y' points, got an array of shape {points.shape}")
+    return points
+
+
+def fill_contour(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels (rows, columns) whose centres lie inside the closed polygon ``points`` (x column, y row)."""
+    from matplotlib.path import Path as Polygon
+
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    centres = np.column_stack([cols.ravel(), rows.ravel()]).astype(np.float64)
+    return Polygon(points, closed=False).contains_points(centres).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------- source
+class Dicom(Source):
+    layout = "dicom"
+    description = ("DICOM files as a scanner exports them, at any depth (grouped by PatientID and "
+                   "SeriesInstanceUID, ordered by the headers); Sunnybrook's contourfiles/ and link.csv beside "
+                   "dicoms/ label LV and MYO")
+    labels = ACDC_LABELS
+    has_spacing = True
+
+    @classmethod
+    def matches(cls, folder):
+        probes = 0
+        for path in Path(folder).rglob("*"):
+            if path.name.startswith(".") or path.suffix.lower() in NOT_DICOM or not path.is_file():
+                continue
+            if is_dicom(path):
+                return True
+            probes += 1
+            if probes >= MAX_PROBES:
+                return False
+        return False
+
+    # ---- headers and series
+    @cached_property
+    def headers(self) -> list[DicomImage]:
+        paths = sorted(p for p in self.folder.rglob("*") if p.is_file() and is_dicom(p))
+        return [read_header(p, self.folder) for p in paths]
+
+    @cached_property
+    def _series_images(self) -> dict[str, dict[str, list[DicomImage]]]:
+        """``{patient: {SeriesInstanceUID: images}}`` of the MR series, localisers left out (a warning names
+        what is skipped)."""
+        grouped: dict[tuple[str, str], list[DicomImage]] = defaultdict(list)
+        for img in self.headers:
+            grouped[(img.patient, img.series)].append(img)
+        out: dict[str, dict[str, list[DicomImage]]] = defaultdict(dict)
+        for (patient, uid), images in sorted(grouped.items()):
+            modalities = {img.modality for img in images}
+            if "MR" not in modalities:
+                log.warning("dicom: skipping series %s of patient %s: modality %s, not MR (%s)", uid, patient,
+                            sorted(modalities), _names([i.path for i in images], 3))
+                continue
+            localisers = [img for img in images if img.localiser]
+            if len(localisers) == len(images):
+                log.warning("dicom: skipping localiser series %s of patient %s (%s)", uid, patient,
+                            _names([i.path for i in images], 3))
+                continue
+            if localisers:
+                log.warning("dicom: skipping %d localiser image(s) inside series %s of patient %s: %s",
+                            len(localisers), uid, patient, _names([i.path for i in localisers]))
+            out[patient][uid] = [img for img in images if not img.localiser]
+        return dict(out)
+
+    def series(self, patient: str) -> list[DicomSeries]:
+        """The patient's series, in order (errors name the files of an inconsistent one)."""
+        self._select([patient])
+        return self._assembled(patient)
+
+    def _assembled(self, patient: str) -> list[DicomSeries]:
+        cache = self.__dict__.setdefault("_series_cache", {})
+        if patient not in cache:
+            found = [assemble_series(images) for images in self._series_images[patient].values()]
+            cache[patient] = sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
+        return cache[patient]
+
+    def patients(self):
+        return sorted(self._series_images)
+
+    def _case(self, series: DicomSeries, n_series: int) -> str:
+        return series.patient if n_series == 1 else f"{series.patient}_s{series.number if series.number is not None else series.uid[-8:]}"
+
+    def case_of(self, vol):
+        return vol.meta["case"]
+
+    # ---- labels (Sunnybrook)
+    @cached_property
+    def _sunnybrook(self) -> tuple[Path, dict[str, str]] | None:
+        root = _sunnybrook_root(self.folder)
+        if root is None:
+            return None
+        link = root / "link.csv"
+        with open(link, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"patient_id", "original_id"} <= set(rows[0]):
+            raise DataError(f"{link}: expected columns patient_id, original_id; got {sorted(rows[0])}")
+        return root, {r["patient_id"].strip(): r["original_id"].strip() for r in rows}
+
+    def contour_files(self, patient: str) -> dict[int, dict[str, Path]]:
+        """``{InstanceNumber: {"i": inner file, "o": outer file}}`` of a Sunnybrook patient ({} otherwise)."""
+        if self._sunnybrook is None:
+            return {}
+        root, link = self._sunnybrook
+        if patient not in link:
+            return {}
+        folder = root / "contourfiles" / link[patient]
+        if not folder.is_dir():
+            raise DataError(f"{root / 'link.csv'}: {patient} -> {link[patient]}, but {folder} does not exist")
+        out: dict[int, dict[str, Path]] = defaultdict(dict)
+        for path in sorted(folder.rglob("*contour-manual.txt")):
+            m = SUNNYBROOK_CONTOUR.match(path.name)
+            if m:
+                out[int(m.group("n"))][m.group("kind")] = path
+        return dict(out)
+
+    def _contoured(self, patient: str, series: list[DicomSeries]) -> dict[int, dict[int, dict[str, Path]]]:
+        """``{phase t: {slice z: {"i": file, "o": file}}}`` with the images located by InstanceNumber."""
+        contours = self.contour_files(patient)
+        if not contours:
+            return {}
+        if len(series) != 1:
+            raise DataError(f"{self.folder}: patient {patient} has {len(series)} series; Sunnybrook's contours "
+                            "name images by InstanceNumber, which is ambiguous across series")
+        where = {}
+        for z, row in enumerate(series[0].grid):
+            for t, img in enumerate(row):
+                if img.instance in where:
+                    raise DataError(f"{img.path}: InstanceNumber {img.instance} also in {where[img.instance][2]}; "
+                                    "contours cannot be placed")
+                where[img.instance] = (t, z, img.path)
+        out: dict[int, dict[int, dict[str, Path]]] = defaultdict(dict)
+        for n, files in sorted(contours.items()):
+            if n not in where:
+                raise DataError(f"{_names(files.values())}: no image with InstanceNumber {n} in patient {patient}")
+            if "i" not in files:
+                raise DataError(f"{files['o']}: an outer contour without the inner contour of its image")
+            t, z, _ = where[n]
+            out[t][z] = files
+        return dict(out)
+
+    def _labelled(self, series: DicomSeries, case: str, frames: np.ndarray | None,
+                  contoured: dict[int, dict[int, dict[str, Path]]]) -> list[CardiacVolume]:
+        out = []
+        for t, by_slice in sorted(contoured.items()):
+            slices = sorted(by_slice)
+            shape = series.shape[2:]
+            label = np.zeros((len(slices), *shape), dtype=np.uint8)
+            for k, z in enumerate(slices):
+                files = by_slice[z]
+                inner = fill_contour(read_contour(files["i"]), shape)
+                if "o" in files:
+                    outer = fill_contour(read_contour(files["o"]), shape)
+                    outside = float((inner & ~outer).sum()) / max(int(inner.sum()), 1)
+                    if outside > MAX_LV_OUTSIDE:
+                        log.warning("dicom: ignoring the outer contour %s: %.0f%% of the LV cavity of %s lies outside "
+                                    "it (not this image's epicardium); this slice labels the LV only",
+                                    files["o"], 100 * outside, files["i"])
+                        files = {"i": files["i"]}
+                        by_slice[z] = files
+                    else:
+                        label[k][outer & ~inner] = 2
+                label[k][inner] = 3
+            image = frames[t][slices]
+            myo_labelled = ["o" in by_slice[z] for z in slices]
+            unlabelled = ("RV",) if all(myo_labelled) else ("RV", "MYO")
+            meta = self._meta(series, case, t) | {"slices": slices, "unlabelled": unlabelled,
+                                                   "myo_labelled": myo_labelled,
+                                                   "contours": [str(p) for z in slices for p in by_slice[z].values()]}
+            out.append(CardiacVolume(series.patient, f"F{t + 1:02d}", _check_image(image, series.folder), label,
+                                     series.spacing, self.layout, series.folder, t + 1, None, dict(self.labels), meta))
+        return out
+
+    def _meta(self, series: DicomSeries, case: str, t: int) -> dict:
+        meta = {"case": case, "series_uid": series.uid, "series_number": series.number, "affine": series.affine,
+                "files": [str(row[t].path) for row in series.grid]}
+        if self._sunnybrook is not None and series.patient in self._sunnybrook[1]:
+            meta["original_id"] = self._sunnybrook[1][series.patient]
+        return meta
+
+    # ---- the interface
+    def scans(self, patients=None):
+        """Each series: every frame, unlabelled (Sunnybrook's contours cover some slices of some frames only)."""
+        for patient in self._select(patients):
+            found = self._assembled(patient)
+            for series in found:
+                case = self._case(series, len(found))
+                frames = series.frames()
+                cine = len(frames) > 1
+                vols = [CardiacVolume(patient, f"F{t + 1:02d}" if cine else "3D", _check_image(frame, series.folder),
+                                      None, series.spacing, self.layout, series.folder, t + 1 if cine else None,
+                                      None, dict(self.labels), self._meta(series, case, t))
+                        for t, frame in enumerate(frames)]
+                yield Scan(case, series.folder, vols, cine=cine)
+
+    def volumes(self, patients=None):
+        """The contoured frames (their contoured slices) of a labelled patient; every frame of any other."""
+        for patient in self._select(patients):
+            found = self._assembled(patient)
+            contoured = self._contoured(patient, found)
+            if not contoured:
+                for scan in self.scans([patient]):
+                    yield from scan.frames
+                continue
+            series = found[0]
+            yield from self._labelled(series, self._case(series, 1), series.frames(), contoured)
+
+    def cine(self, patients=None):
+        for scan in self.scans(patients):
+            yield from scan.frames
+
+    def n_slices(self, patient):
+        """From the headers and the contour file names only (no pixel is read)."""
+        self._select([patient])
+        found = self._assembled(patient)
+        contoured = self._contoured(patient, found)
+        if contoured:
+            return sum(len(by_slice) for by_slice in contoured.values())
+        return sum(s.shape[0] * s.shape[1] for s in found)
+
+    def files(self):
+        out = [img.path for img in self.headers]
+        if self._sunnybrook is not None:
+            root, _ = self._sunnybrook
+            out.append(root / "link.csv")
+            out += sorted((root / "contourfiles").rglob("*contour-manual.txt"))
+        return out
