@@ -7,8 +7,8 @@ writes into ``output``:
 
 - ``<case>_pred.nii.gz``: one per input file, with the input's shape, affine and header (data type uint8),
   labels in ACDC's convention (0 background, 1 RV, 2 MYO, 3 LV), so that it overlays the input in ITK-SNAP and
-  3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A non-NIfTI input gets a diagonal
-  affine of its voxel spacing; one without spacing (LA2018's HDF5, ACDC's without its ``spacing.csv``) gets an
+  3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A DICOM series gets the affine of
+  its headers (``cmr_utils.readers.dicom``); another non-NIfTI input gets a diagonal affine of its voxel spacing; one without spacing (LA2018's HDF5, ACDC's without its ``spacing.csv``) gets an
   identity affine (unit spacing) and a warning says so;
 - ``volumes.csv``: per case and phase (or cine frame), the LV, RV and myocardial volumes (mL; pixels where
   the source has no spacing: column ``volume_unit``), the myocardial mass (g, at 1.05 g/mL) and the LV and
@@ -193,14 +193,17 @@ def open_run(run: str, profile: str = "default", data: str | None = "", *, devic
 # ---------------------------------------------------------------------------------------------- writing
 def label_image(labels: np.ndarray, scan: Scan):
     """A NIfTI image of ``labels`` (T, Z, Y, X) on ``scan``'s grid: the input's affine and header (uint8, no
-    intensity scaling), 4D for a cine, 3D otherwise; where the input is not NIfTI, a diagonal affine of its voxel
-    spacing (identity without one)."""
+    intensity scaling), 4D for a cine, 3D otherwise; where the input is not NIfTI, the affine its reader found
+    (``meta["affine"]``: DICOM's, from the headers), else a diagonal affine of its voxel spacing (identity without
+    one)."""
     import nibabel as nib
 
     data = np.ascontiguousarray(np.transpose(labels, (3, 2, 1, 0)) if scan.cine else labels[0].T, dtype=np.uint8)
     if not scan.nifti:
-        spacing = scan.frames[0].spacing
-        image = nib.Nifti1Image(data, np.diag([*((1.0, 1.0, 1.0) if spacing is None else spacing[::-1]), 1.0]))
+        spacing, affine = scan.frames[0].spacing, scan.frames[0].meta.get("affine")
+        if affine is None:
+            affine = np.diag([*((1.0, 1.0, 1.0) if spacing is None else spacing[::-1]), 1.0])
+        image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
         image.header.set_xyzt_units("mm")
     else:
         ref = nib.load(str(scan.path))
@@ -231,7 +234,7 @@ def volume_rows(scan: Scan, predictions: list[np.ndarray]) -> list[dict]:
                      "volume_unit": "mL" if ml else "px", "lv_volume": v["LV"], "rv_volume": v["RV"],
                      "myo_volume": v["MYO"], "myo_mass_g": v["MYO"] * MYOCARDIAL_DENSITY if ml else np.nan,
                      "check": "; ".join(check_prediction(pred, vol.spacing)) or "ok",
-                     **{k: val for k, val in vol.meta.items() if val is not None}})
+                     **{k: val for k, val in vol.meta.items() if isinstance(val, (str, int, float))}})
     return rows
 
 

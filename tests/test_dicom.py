@@ -422,3 +422,42 @@ def test_sunnybrook_copied_outer_contours_are_ignored(sunnybrook, caplog):
     assert caplog.text.count("ignoring the outer contour") == 9 and "SC-HF-I-6/o-contours/IM-0001-0059" in caplog.text
     assert not (ed.label == 2).any() and ed.meta["unlabelled"] == ("RV", "MYO") and len(ed.meta["slices"]) == 11
     assert sum(sunnybrook.n_slices(p) for p in SUNNYBROOK) == 96
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+def test_predict_folder_writes_masks_on_the_dicom_grid(tmp_path):
+    import nibabel as nib
+    import pandas as pd
+
+    from cmr_utils.predict_scans import predict_folder
+
+    write_series(tmp_path / "scan", n_slices=3, n_phases=4)
+
+    def segment(vol):  # "LV" on the slice's brighter half of rows (code(): values grow with the row index)
+        return np.where(vol.image >= vol.image[:, 4:5, :], 3, 0).astype(np.uint8)
+
+    table = predict_folder(segment, tmp_path / "scan", tmp_path / "out", progress=False)
+    mask = nib.load(str(tmp_path / "out" / "P1_pred.nii.gz"))
+    affine = next(Dicom(tmp_path / "scan").scans()).frames[0].meta["affine"]
+    assert mask.shape == (6, 8, 3, 4) and np.allclose(mask.affine, affine, atol=1e-4)
+    data = np.asarray(mask.dataobj)
+    assert (data[:, 4:, :, :] == 3).all() and (data[:, :4, :, :] == 0).all()  # rows 4..7 of every slice and frame
+    saved = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert list(saved["phase"]) == ["F01", "F02", "F03", "F04"] and set(saved["case"]) == {"P1"}
+    lv_ml = 3 * 4 * 6 * PIXEL[0] * PIXEL[1] * GAP / 1000  # 3 slices x 4 rows x 6 columns
+    assert np.allclose(saved["lv_volume"], lv_ml) and np.allclose(table["lv_volume"], lv_ml)
+    assert "series_uid" in saved and "affine" not in saved and "files" not in saved
+
+
+def test_predict_folder_on_sunnybrook(sunnybrook, tmp_path):
+    import nibabel as nib
+
+    from cmr_utils.predict_scans import predict_folder
+
+    table = predict_folder(lambda vol: np.zeros(vol.image.shape, np.uint8), sunnybrook.folder, tmp_path / "out",
+                           progress=False)
+    assert len(table) == 5 * 20 and set(table["check"]) != {"ok"}  # an empty prediction is flagged, not dropped
+    for patient, (n_slices, gap, pixel, _) in SUNNYBROOK.items():
+        mask = nib.load(str(tmp_path / "out" / f"{patient}_pred.nii.gz"))
+        assert mask.shape == (256, 256, n_slices, 20)
+        assert np.allclose(np.linalg.norm(mask.affine[:3, :3], axis=0), [pixel, pixel, gap], atol=1e-3)
