@@ -1,5 +1,5 @@
 """Shared fixtures: synthetic data written by the tests themselves, and the real data where the environment
-names it (CMR_ACDC_DIR, CMR_LA2018_DIR; see README)."""
+names it (CMR_ACDC_DIR, CMR_LA2018_DIR, CMR_SUNNYBROOK_DIR; see README)."""
 import os
 from pathlib import Path
 
