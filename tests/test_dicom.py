@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from cmr_utils.readers import DataError, Dicom, open_source  # noqa: E402
-from cmr_utils.readers.dicom import fill_contour  # noqa: E402
+from cmr_utils.readers.sunnybrook import fill_contour  # noqa: E402
 
 ROW_DIR = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)  # oblique: image rows run along (x + y)
 COL_DIR = np.array([0.0, 0.0, -1.0])
@@ -178,6 +178,15 @@ def test_missing_slice_location_is_an_error(tmp_path):
     with pytest.raises(DataError, match="uneven slice gaps") as err:
         list(Dicom(tmp_path).scans())
     assert str(files[(1, 0)]) in str(err.value) and str(files[(3, 0)]) in str(err.value)
+
+
+def test_slice_shifted_in_plane_is_an_error(tmp_path):
+    files = write_series(tmp_path, n_slices=3, n_phases=1, series_uid="1.2.3.4")
+    dicom_image(files[(2, 0)], z=2, t=0, instance=9, series_uid="1.2.3.4",
+                position=ORIGIN + 2 * GAP * NORMAL + 3.0 * ROW_DIR)
+    with pytest.raises(DataError, match="shifted in its plane") as err:
+        list(Dicom(tmp_path).scans())
+    assert str(files[(2, 0)]) in str(err.value)
 
 
 def test_duplicate_trigger_time_is_an_error(tmp_path):
@@ -374,7 +383,8 @@ def test_sunnybrook_cines(sunnybrook):
 
 
 def test_sunnybrook_labels_land_on_their_frames(sunnybrook):
-    from cmr_utils.readers.dicom import read_contour, read_pixels
+    from cmr_utils.readers.dicom import read_pixels
+    from cmr_utils.readers.sunnybrook import read_contour
 
     root = Path(sunnybrook.folder)
     n_labelled = n_both = n_touching = 0
@@ -389,7 +399,7 @@ def test_sunnybrook_labels_land_on_their_frames(sunnybrook):
             assert set(np.unique(vol.label)) <= {0, 2, 3} and (vol.label == 1).sum() == 0
             for k, z in enumerate(vol.meta["slices"]):
                 path = Path(vol.meta["files"][z])
-                # the labelled slice is the image of the file its contour names (Sunnybrook: <n>.dcm, n = InstanceNumber)
+                # the labelled slice is the image of the file its contour names (<n>.dcm, n = InstanceNumber)
                 n = int(path.stem)
                 np.testing.assert_array_equal(vol.image[k], read_pixels(next(
                     img for img in sunnybrook.headers if img.path == path)))

@@ -15,27 +15,20 @@ states...) or are localisers (ImageType LOCALIZER), and localiser images inside 
 warning on the ``cmr_utils.readers.dicom`` logger that names them. Compressed transfer syntaxes are decoded by
 pydicom's pixel-data plugins; one without an installed plugin is an error naming the file and the syntax.
 
-Sunnybrook Cardiac Data (Radau et al. 2009): where ``link.csv`` (patient_id = the DICOM PatientID, original_id
-= the challenge's name) and ``contourfiles/<original_id>/{i,o}-contours/IM-0001-NNNN-{i,o}contour-manual.txt``
-lie in the folder (or beside it, when the folder is ``dicoms/``), the hand-drawn contours are labels: the
-filled inner contour (LV endocardium) is the LV cavity (3), the ring between the outer (epicardium) and the
-inner contour is the myocardium (2); there is no RV label. Contour NNNN belongs to the image whose
-InstanceNumber is NNNN. The labelled volumes are the contoured frames, each holding only the slices that have
-contours (``meta["slices"]``: their indices in the frame's full stack). A frame contoured with inner contours
-only (Sunnybrook's ES frames, and a few slices of some ED frames) labels the LV cavity alone: there the
-myocardium is background in the label although it is not known. ``meta["myo_labelled"]`` says per slice of the
-volume whether its outer contour exists, and ``meta["unlabelled"]`` names the structures the volume does not
-label on every slice (``("RV",)`` where every slice has both contours, else ``("RV", "MYO")``). An outer contour
-that leaves more than 5 % of its inner contour's cavity outside it is ignored with a warning naming both files
-(the shared copy's SC-HF-I-6 outer contours are byte-identical to SC-HF-I-1's), so that slice labels the LV only. The metrics do
-not read these yet: MYO and RV scores on such volumes are not meaningful, LV scores are.
+Sunnybrook Cardiac Data (Radau et al. 2009; ``readers.sunnybrook``): where ``link.csv`` and ``contourfiles/`` lie in
+the folder (or beside it, when the folder is ``dicoms/``), the hand-drawn contours label the LV cavity (3) and the
+myocardium (2); there is no RV label. The labelled volumes are then the contoured frames, each holding only the
+slices that have contours (``meta["slices"]``: their indices in the frame's full stack); the scans and the cine
+stay unlabelled. A slice with an inner contour alone (Sunnybrook's ES frames, a few slices of some ED frames) labels
+the LV alone: there the myocardium is background in the label although it is not known. ``meta["myo_labelled"]``
+says per slice whether the myocardium is labelled, and ``meta["unlabelled"]`` names the structures the volume does
+not label on every slice (``("RV",)`` or ``("RV", "MYO")``). The metrics do not read these yet: MYO and RV scores
+on such volumes are not meaningful, LV scores are.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import re
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import ACDC_LABELS, CardiacVolume, DataError, Scan, Source, _check_image
+from .sunnybrook import SunnybrookContours
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +47,7 @@ NOT_DICOM = {".nii", ".gz", ".h5", ".hdf5", ".csv", ".txt", ".json", ".cfg", ".m
              ".npy", ".npz", ".pdf", ".xml", ".zip", ".py", ".yaml", ".yml", ".pt", ".ckpt"}
 POSITION_TOL = 0.1  # mm along the slice normal: images closer than this share a slice location
 ORIENTATION_TOL = 1e-3  # direction cosines that differ by less are one orientation
-MAX_LV_OUTSIDE = 0.05  # an outer contour leaving more of the inner contour's cavity outside is not its epicardium
 MAX_PROBES = 2000  # files ``matches`` opens before it gives up on a folder
-SUNNYBROOK_CONTOUR = re.compile(r"IM-\d+-(?P<n>\d+)-(?P<kind>[io])contour-manual\.txt$")
 
 
 def is_dicom(path: Path) -> bool:
@@ -231,7 +223,8 @@ def _phase_order(images: list[DicomImage], where: str) -> list[DicomImage]:
         key, what = (lambda img: img.instance), "InstanceNumber"
     else:
         lacking = [img.path for img in images if img.instance is None]
-        raise DataError(f"{where}: cannot order the phases: neither TriggerTime nor InstanceNumber in {_names(lacking)}")
+        raise DataError(f"{where}: cannot order the phases: neither TriggerTime nor InstanceNumber in "
+                        f"{_names(lacking)}")
     ordered = sorted(images, key=lambda img: (key(img), img.instance or 0))
     for a, b in zip(ordered, ordered[1:]):
         if key(a) == key(b):
@@ -313,6 +306,13 @@ def assemble_series(images: list[DicomImage]) -> DicomSeries:
             raise DataError(f"{where}: one slice location and neither SpacingBetweenSlices nor SliceThickness "
                             f"in {first.path}")
     row_step, col_step = first.pixel_spacing  # DICOM: between rows (y), between columns (x)
+    origin = np.array(grid[0][0].position)
+    for z, row in enumerate(grid):  # one affine holds only if every slice sits on the normal through the first
+        for img in row:
+            shift = np.array(img.position) - origin - (float(np.dot(img.position, normal)) - positions[0]) * normal
+            if np.abs(shift).max() > 0.5 * min(row_step, col_step):
+                raise DataError(f"{where}: {img.path} is shifted in its plane by {np.round(shift, 2).tolist()} mm "
+                                f"from the first slice location ({grid[0][0].path}); one affine cannot hold the stack")
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_step  # +1 column (NIfTI X)
     lps[:3, 1] = col_dir * row_step  # +1 row (NIfTI Y)
@@ -321,34 +321,6 @@ def assemble_series(images: list[DicomImage]) -> DicomSeries:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
     return DicomSeries(first.patient, first.series, first.series_number, grid,
                        (float(dz), float(row_step), float(col_step)), affine)
-
-
-# ---------------------------------------------------------------------------------------------- Sunnybrook
-def _sunnybrook_root(folder: Path) -> Path | None:
-    for root in (folder, folder.parent):
-        if (root / "link.csv").is_file() and (root / "contourfiles").is_dir():
-            return root
-    return None
-
-
-def read_contour(path: Path) -> np.ndarray:
-    """Points (N, 2) as (x column, y row) in pixels."""
-    try:
-        points = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except ValueError as err:
-        raise DataError(f"{path}: expected one 'x y' point per line ({err})") from err
-    if points.shape[1] != 2 or len(points) < 3:
-        raise DataError(f"{path}: expected at least 3 'x y' points, got an array of shape {points.shape}")
-    return points
-
-
-def fill_contour(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels (rows, columns) whose centres lie inside the closed polygon ``points`` (x column, y row)."""
-    from matplotlib.path import Path as Polygon
-
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    centres = np.column_stack([cols.ravel(), rows.ravel()]).astype(np.float64)
-    return Polygon(points, closed=False).contains_points(centres).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -420,103 +392,43 @@ class Dicom(Source):
         return sorted(self._series_images)
 
     def _case(self, series: DicomSeries, n_series: int) -> str:
-        return series.patient if n_series == 1 else f"{series.patient}_s{series.number if series.number is not None else series.uid[-8:]}"
+        if n_series == 1:
+            return series.patient
+        return f"{series.patient}_s{series.number if series.number is not None else series.uid[-8:]}"
 
     def case_of(self, vol):
         return vol.meta["case"]
 
     # ---- labels (Sunnybrook)
     @cached_property
-    def _sunnybrook(self) -> tuple[Path, dict[str, str]] | None:
-        root = _sunnybrook_root(self.folder)
-        if root is None:
-            return None
-        link = root / "link.csv"
-        with open(link, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"patient_id", "original_id"} <= set(rows[0]):
-            raise DataError(f"{link}: expected columns patient_id, original_id; got {sorted(rows[0])}")
-        return root, {r["patient_id"].strip(): r["original_id"].strip() for r in rows}
-
-    def contour_files(self, patient: str) -> dict[int, dict[str, Path]]:
-        """``{InstanceNumber: {"i": inner file, "o": outer file}}`` of a Sunnybrook patient ({} otherwise)."""
-        if self._sunnybrook is None:
-            return {}
-        root, link = self._sunnybrook
-        if patient not in link:
-            return {}
-        folder = root / "contourfiles" / link[patient]
-        if not folder.is_dir():
-            raise DataError(f"{root / 'link.csv'}: {patient} -> {link[patient]}, but {folder} does not exist")
-        out: dict[int, dict[str, Path]] = defaultdict(dict)
-        for path in sorted(folder.rglob("*contour-manual.txt")):
-            m = SUNNYBROOK_CONTOUR.match(path.name)
-            if m:
-                out[int(m.group("n"))][m.group("kind")] = path
-        return dict(out)
+    def contours(self) -> SunnybrookContours | None:
+        return SunnybrookContours.find(self.folder)
 
     def _contoured(self, patient: str, series: list[DicomSeries]) -> dict[int, dict[int, dict[str, Path]]]:
-        """``{phase t: {slice z: {"i": file, "o": file}}}`` with the images located by InstanceNumber."""
-        contours = self.contour_files(patient)
-        if not contours:
-            return {}
-        if len(series) != 1:
-            raise DataError(f"{self.folder}: patient {patient} has {len(series)} series; Sunnybrook's contours "
-                            "name images by InstanceNumber, which is ambiguous across series")
-        where = {}
-        for z, row in enumerate(series[0].grid):
-            for t, img in enumerate(row):
-                if img.instance in where:
-                    raise DataError(f"{img.path}: InstanceNumber {img.instance} also in {where[img.instance][2]}; "
-                                    "contours cannot be placed")
-                where[img.instance] = (t, z, img.path)
-        out: dict[int, dict[int, dict[str, Path]]] = defaultdict(dict)
-        for n, files in sorted(contours.items()):
-            if n not in where:
-                raise DataError(f"{_names(files.values())}: no image with InstanceNumber {n} in patient {patient}")
-            if "i" not in files:
-                raise DataError(f"{files['o']}: an outer contour without the inner contour of its image")
-            t, z, _ = where[n]
-            out[t][z] = files
-        return dict(out)
+        return {} if self.contours is None else self.contours.place(patient, series)
 
-    def _labelled(self, series: DicomSeries, case: str, frames: np.ndarray | None,
+    def _labelled(self, series: DicomSeries, case: str, frames: np.ndarray,
                   contoured: dict[int, dict[int, dict[str, Path]]]) -> list[CardiacVolume]:
         out = []
         for t, by_slice in sorted(contoured.items()):
             slices = sorted(by_slice)
-            shape = series.shape[2:]
-            label = np.zeros((len(slices), *shape), dtype=np.uint8)
-            for k, z in enumerate(slices):
-                files = by_slice[z]
-                inner = fill_contour(read_contour(files["i"]), shape)
-                if "o" in files:
-                    outer = fill_contour(read_contour(files["o"]), shape)
-                    outside = float((inner & ~outer).sum()) / max(int(inner.sum()), 1)
-                    if outside > MAX_LV_OUTSIDE:
-                        log.warning("dicom: ignoring the outer contour %s: %.0f%% of the LV cavity of %s lies outside "
-                                    "it (not this image's epicardium); this slice labels the LV only",
-                                    files["o"], 100 * outside, files["i"])
-                        files = {"i": files["i"]}
-                        by_slice[z] = files
-                    else:
-                        label[k][outer & ~inner] = 2
-                label[k][inner] = 3
-            image = frames[t][slices]
-            myo_labelled = ["o" in by_slice[z] for z in slices]
-            unlabelled = ("RV",) if all(myo_labelled) else ("RV", "MYO")
-            meta = self._meta(series, case, t) | {"slices": slices, "unlabelled": unlabelled,
-                                                   "myo_labelled": myo_labelled,
-                                                   "contours": [str(p) for z in slices for p in by_slice[z].values()]}
-            out.append(CardiacVolume(series.patient, f"F{t + 1:02d}", _check_image(image, series.folder), label,
-                                     series.spacing, self.layout, series.folder, t + 1, None, dict(self.labels), meta))
+            labelled = [SunnybrookContours.label(by_slice[z], series.shape[2:]) for z in slices]
+            label = np.stack([lab for lab, _ in labelled])
+            used = [files for _, files in labelled]
+            myo_labelled = ["o" in files for files in used]
+            meta = self._meta(series, case, t) | {
+                "slices": slices, "unlabelled": ("RV",) if all(myo_labelled) else ("RV", "MYO"),
+                "myo_labelled": myo_labelled, "contours": [str(p) for files in used for p in files.values()]}
+            out.append(CardiacVolume(series.patient, f"F{t + 1:02d}", _check_image(frames[t][slices], series.folder),
+                                     label, series.spacing, self.layout, series.folder, t + 1, None,
+                                     dict(self.labels), meta))
         return out
 
     def _meta(self, series: DicomSeries, case: str, t: int) -> dict:
         meta = {"case": case, "series_uid": series.uid, "series_number": series.number, "affine": series.affine,
                 "files": [str(row[t].path) for row in series.grid]}
-        if self._sunnybrook is not None and series.patient in self._sunnybrook[1]:
-            meta["original_id"] = self._sunnybrook[1][series.patient]
+        if self.contours is not None and series.patient in self.contours.link:
+            meta["original_id"] = self.contours.link[series.patient]
         return meta
 
     # ---- the interface
@@ -561,8 +473,4 @@ class Dicom(Source):
 
     def files(self):
         out = [img.path for img in self.headers]
-        if self._sunnybrook is not None:
-            root, _ = self._sunnybrook
-            out.append(root / "link.csv")
-            out += sorted((root / "contourfiles").rglob("*contour-manual.txt"))
-        return out
+        return out + ([] if self.contours is None else self.contours.files())
