@@ -194,15 +194,17 @@ def score_source(segment: Callable[[CardiacVolume], np.ndarray], source: Source)
     """Every labelled volume of an external ``source`` segmented by ``segment`` (a ``CardiacVolume`` -> its label
     map on the volume's own grid, e.g. ``cmr_utils.predict_scans.TrainedRun.segment``) and scored as the test
     split is (``score_volume``, ``ef_table``): ``per_volume`` (with the layout's vendor and centre where it
-    carries them) and ``ef``. Unlabelled volumes are skipped; a source without any is an error."""
+    carries them) and ``ef``. Unlabelled volumes are skipped; a source without any is an error. The structures a
+    volume's ``meta["unlabelled"]`` names (Sunnybrook: RV; MYO where a slice has no outer contour) are not scored."""
     rows, volumes, meta = [], [], {}
     for vol in source.volumes():
         if vol.label is None:
             continue
         scores, vols = score_volume(vol.patient, vol.phase, np.asarray(segment(vol), dtype=np.uint8), vol.label,
                                     vol.spacing)
-        rows += scores
-        volumes += vols
+        unlabelled = set(vol.meta.get("unlabelled", ()))  # e.g. Sunnybrook: no RV, no MYO at ES
+        rows += [row for row in scores if row["structure"] not in unlabelled]
+        volumes += [row for row in vols if row["structure"] not in unlabelled]
         meta[vol.patient] = {k: vol.meta.get(k) for k in ("vendor", "centre") if vol.meta.get(k) is not None}
     if not rows:
         raise DataError(f"{source.folder}: no labelled volume to score ({source.layout}); external validation needs "

@@ -299,8 +299,8 @@ def test_sunnybrook_contours_become_lv_and_myo_labels(tmp_path):
         src = open_source(folder)
         assert src.layout == "dicom" and src.patients() == ["SCD01"] and src.n_slices("SCD01") == 3
         vols = list(src.volumes())
-        assert [(v.phase, v.meta["slices"], v.meta["unlabelled"]) for v in vols] == [
-            ("F02", [2], ("RV", "MYO")), ("F04", [1, 2], ("RV",))]
+        assert [(v.phase, v.frame, v.meta["slices"], v.meta["unlabelled"]) for v in vols] == [
+            ("ES", 2, [2], ("RV", "MYO")), ("ED", 4, [1, 2], ("RV",))]
         es, ed = vols
         assert decoded(ed.image) == [(1, 3), (2, 3)] and decoded(es.image) == [(2, 1)]
         assert ed.meta["myo_labelled"] == [True, True] and es.meta["myo_labelled"] == [False]
@@ -314,9 +314,26 @@ def test_sunnybrook_contours_become_lv_and_myo_labels(tmp_path):
             np.testing.assert_array_equal(ed.label[k] == 3, lv)
             np.testing.assert_array_equal(ed.label[k] == 2, outer & ~lv)
         assert set(np.unique(es.label)) == {0, 3} and (es.label[0] == 3).sum() == 3 * 3
-        assert all(v.label is None for scan in src.scans() for v in scan.frames)  # the cine stays unlabelled
+        (scan,) = list(src.scans())
+        assert all(v.label is None for v in scan.frames)  # the cine stays unlabelled
+        assert [v.phase for v in scan.frames] == ["F01", "ES", "F03", "ED"]
         assert len(list(src.cine())) == 4
         assert root / "link.csv" in src.files() and len(src.files()) == 12 + 1 + 5
+
+    # external scoring leaves out what the contours do not label: RV everywhere, MYO at ES
+    from cmr_utils.evaluate import score_source
+
+    def segment(vol):  # the truth, plus an "RV" the labels know nothing of
+        pred = vol.label.copy() if vol.label is not None else np.zeros(vol.image.shape, np.uint8)
+        pred[:, 0:2, 0:2] = 1
+        return pred
+
+    scored = score_source(segment, src)
+    per_volume = scored["per_volume"]
+    assert sorted(zip(per_volume["phase"], per_volume["structure"])) == [("ED", "LV"), ("ED", "MYO"), ("ES", "LV")]
+    assert np.allclose(per_volume["dice"], 1.0)
+    (ef,) = scored["ef"].itertuples()
+    assert ef.structure == "LV" and ef.ef_true == pytest.approx(100 * (60 - 9) / 60) and ef.ef_pred == ef.ef_true
 
 
 def test_outer_contour_not_around_the_inner_one_is_ignored(tmp_path, caplog):
@@ -350,12 +367,12 @@ def test_fill_contour_counts_pixel_centres():
 
 
 # ---------------------------------------------------------------------------------------------- the real data
-SUNNYBROOK = {  # patient: (slice locations, slice gap mm, pixel mm, contoured frames (inner only, both))
-    "SCD0000101": (12, 10.0, 1.367188, ("F08", "F19")),
+SUNNYBROOK = {  # patient: (slice locations, slice gap mm, pixel mm, contoured frames (ES, ED))
+    "SCD0000101": (12, 10.0, 1.367188, (8, 19)),
     "SCD0000201": (13, 10.0, 1.367188, None),
     "SCD0000301": (10, 8.0, 1.2891, None),
     "SCD0000401": (11, 8.0, 1.3672, None),
-    "SCD0000501": (11, 8.0, 1.3672, ("F09", "F19")),
+    "SCD0000501": (11, 8.0, 1.3672, (9, 19)),
 }
 
 
@@ -390,10 +407,16 @@ def test_sunnybrook_labels_land_on_their_frames(sunnybrook):
     n_labelled = n_both = n_touching = 0
     for patient, (_, _, _, frames) in SUNNYBROOK.items():
         vols = list(sunnybrook.volumes([patient]))
-        assert len(vols) == 2 and vols[0].meta["unlabelled"] == ("RV", "MYO") and not any(vols[0].meta["myo_labelled"])
-        assert sum(vols[1].meta["myo_labelled"]) == MYO_SLICES[patient]
+        assert len(vols) == 2
+        assert [v.phase for v in vols] == (["ES", "ED"] if vols[0].frame < vols[1].frame else ["ED", "ES"])
+        es, ed = sorted(vols, key=lambda v: v.phase != "ES")
+        assert any("o-contours" in c for c in ed.meta["contours"]) or patient == "SCD0000501"
+        assert not any("o-contours" in c for c in es.meta["contours"])
         if frames is not None:
-            assert tuple(v.phase for v in vols) == frames
+            assert (es.frame, ed.frame) == frames
+        assert es.meta["unlabelled"] == ("RV", "MYO") and not any(es.meta["myo_labelled"])
+        assert sum(ed.meta["myo_labelled"]) == MYO_SLICES[patient]
+        assert (ed.label == 3).sum() > (es.label == 3).sum()
         for vol in vols:
             n_labelled += len(vol.meta["slices"])
             assert set(np.unique(vol.label)) <= {0, 2, 3} and (vol.label == 1).sum() == 0
@@ -428,7 +451,7 @@ def test_sunnybrook_labels_land_on_their_frames(sunnybrook):
 
 def test_sunnybrook_copied_outer_contours_are_ignored(sunnybrook, caplog):
     with caplog.at_level(logging.WARNING, logger="cmr_utils.readers.dicom"):
-        es, ed = list(sunnybrook.volumes(["SCD0000501"]))
+        es, ed = sorted(sunnybrook.volumes(["SCD0000501"]), key=lambda v: v.phase != "ES")
     assert caplog.text.count("ignoring the outer contour") == 9 and "SC-HF-I-6/o-contours/IM-0001-0059" in caplog.text
     assert not (ed.label == 2).any() and ed.meta["unlabelled"] == ("RV", "MYO") and len(ed.meta["slices"]) == 11
     assert sum(sunnybrook.n_slices(p) for p in SUNNYBROOK) == 96

@@ -18,8 +18,8 @@ pydicom's pixel-data plugins; one without an installed plugin is an error naming
 Sunnybrook Cardiac Data (Radau et al. 2009; ``readers.sunnybrook``): where ``link.csv`` and ``contourfiles/`` lie in
 the folder (or beside it, when the folder is ``dicoms/``), the hand-drawn contours label the LV cavity (3) and the
 myocardium (2); there is no RV label. The labelled volumes are then the contoured frames, each holding only the
-slices that have contours (``meta["slices"]``: their indices in the frame's full stack); the scans and the cine
-stay unlabelled. A slice with an inner contour alone (Sunnybrook's ES frames, a few slices of some ED frames) labels
+slices that have contours (``meta["slices"]``: their indices in the frame's full stack), named ED and ES where
+two frames are contoured (the larger LV cavity is ED); the scans and the cine stay unlabelled. A slice with an inner contour alone (Sunnybrook's ES frames, a few slices of some ED frames) labels
 the LV alone: there the myocardium is background in the label although it is not known. ``meta["myo_labelled"]``
 says per slice whether the myocardium is labelled, and ``meta["unlabelled"]`` names the structures the volume does
 not label on every slice (``("RV",)`` or ``("RV", "MYO")``). The metrics do not read these yet: MYO and RV scores
@@ -409,7 +409,7 @@ class Dicom(Source):
 
     def _labelled(self, series: DicomSeries, case: str, frames: np.ndarray,
                   contoured: dict[int, dict[int, dict[str, Path]]]) -> list[CardiacVolume]:
-        out = []
+        out, phases = [], SunnybrookContours.phases(contoured)
         for t, by_slice in sorted(contoured.items()):
             slices = sorted(by_slice)
             labelled = [SunnybrookContours.label(by_slice[z], series.shape[2:]) for z in slices]
@@ -419,7 +419,8 @@ class Dicom(Source):
             meta = self._meta(series, case, t) | {
                 "slices": slices, "unlabelled": ("RV",) if all(myo_labelled) else ("RV", "MYO"),
                 "myo_labelled": myo_labelled, "contours": [str(p) for files in used for p in files.values()]}
-            out.append(CardiacVolume(series.patient, f"F{t + 1:02d}", _check_image(frames[t][slices], series.folder),
+            out.append(CardiacVolume(series.patient, phases.get(t, f"F{t + 1:02d}"),
+                                     _check_image(frames[t][slices], series.folder),
                                      label, series.spacing, self.layout, series.folder, t + 1, None,
                                      dict(self.labels), meta))
         return out
@@ -433,14 +434,17 @@ class Dicom(Source):
 
     # ---- the interface
     def scans(self, patients=None):
-        """Each series: every frame, unlabelled (Sunnybrook's contours cover some slices of some frames only)."""
+        """Each series: every frame, unlabelled (Sunnybrook's contours cover some slices of some frames only); the
+        contoured frames of a Sunnybrook patient are ED and ES (``SunnybrookContours.phases``)."""
         for patient in self._select(patients):
             found = self._assembled(patient)
+            phases = SunnybrookContours.phases(self._contoured(patient, found))
             for series in found:
                 case = self._case(series, len(found))
                 frames = series.frames()
                 cine = len(frames) > 1
-                vols = [CardiacVolume(patient, f"F{t + 1:02d}" if cine else "3D", _check_image(frame, series.folder),
+                vols = [CardiacVolume(patient, phases.get(t, f"F{t + 1:02d}") if cine else "3D",
+                                      _check_image(frame, series.folder),
                                       None, series.spacing, self.layout, series.folder, t + 1 if cine else None,
                                       None, dict(self.labels), self._meta(series, case, t))
                         for t, frame in enumerate(frames)]

@@ -111,6 +111,21 @@ class SunnybrookContours:
         return dict(out)
 
     @staticmethod
+    def phases(contoured: dict[int, dict[int, dict[str, Path]]]) -> dict[int, str]:
+        """``{t: "ED" / "ES"}`` where exactly two frames are contoured, as in the challenge (both contours at
+        end-diastole, the inner one at end-systole): the frame of the larger LV cavity (the summed areas of its
+        inner contours) is ED, the other ES; {} otherwise (the frames keep their cine names)."""
+        if len(contoured) != 2:
+            return {}
+
+        def cavity(by_slice):  # shoelace area of each inner contour, pixels
+            return sum(0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+                       for x, y in (read_contour(files["i"]).T for files in by_slice.values()))
+
+        ed, es = sorted(contoured, key=lambda t: cavity(contoured[t]), reverse=True)
+        return {ed: "ED", es: "ES"}
+
+    @staticmethod
     def label(files: dict[str, Path], shape: tuple[int, int]) -> tuple[np.ndarray, dict[str, Path]]:
         """One slice's label (3 LV cavity, 2 myocardium where the outer contour is kept) and the contour files
         used (the outer one dropped, with a warning, when it does not surround the inner one)."""
