@@ -494,3 +494,24 @@ def test_predict_folder_on_sunnybrook(sunnybrook, tmp_path):
         mask = nib.load(str(tmp_path / "out" / f"{patient}_pred.nii.gz"))
         assert mask.shape == (256, 256, n_slices, 20)
         assert np.allclose(np.linalg.norm(mask.affine[:3, :3], axis=0), [pixel, pixel, gap], atol=1e-3)
+
+
+def test_make_predict_path_on_sunnybrook(sunnybrook, tmp_path, monkeypatch, capsys):
+    """``make predict INPUT=<Sunnybrook>``'s command (``predict_scans.main``) with a stand-in for the trained run:
+    one 4D mask per patient, the ED and ES frames named, so that volumes.csv has the LV ejection fraction."""
+    import pandas as pd
+
+    from cmr_utils import predict_scans
+
+    def bright_lv(vol):  # a stand-in model: "LV" where the frame is brightest
+        return np.where(vol.image > np.percentile(vol.image, 99), 3, 0).astype(np.uint8)
+
+    monkeypatch.setattr(predict_scans, "open_run", lambda *args, **kwargs: bright_lv)
+    assert predict_scans.main(["--run", "any-s0", "--input", str(sunnybrook.folder), "--output",
+                               str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert "5 scan(s)" in capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert len(table) == 100 and sorted(table["case"].unique()) == sorted(SUNNYBROOK)
+    for patient, group in table.groupby("patient"):
+        assert sorted(group["phase"][group["phase"].isin(["ED", "ES"])]) == ["ED", "ES"]
+        assert group["lv_ef"].notna().sum() == 2 and group["original_id"].str.startswith("SC-HF-I-").all()
