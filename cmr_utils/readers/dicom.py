@@ -210,8 +210,11 @@ class DicomSeries:
 
     def frames(self) -> np.ndarray:
         """Voxels (T, Z, H, W) float32."""
-        return np.stack([np.stack([read_pixels(self.grid[z][t]) for z in range(len(self.grid))])
-                         for t in range(len(self.grid[0]))])
+        return np.stack([self.frame(t) for t in range(len(self.grid[0]))])
+
+    def frame(self, t: int, slices: list[int] | None = None) -> np.ndarray:
+        """Voxels (Z, H, W) float32 of phase ``t`` (0-based), of the slice locations ``slices`` (default: all)."""
+        return np.stack([read_pixels(self.grid[z][t]) for z in (range(len(self.grid)) if slices is None else slices)])
 
 
 def _phase_order(images: list[DicomImage], where: str) -> list[DicomImage]:
@@ -407,7 +410,7 @@ class Dicom(Source):
     def _contoured(self, patient: str, series: list[DicomSeries]) -> dict[int, dict[int, dict[str, Path]]]:
         return {} if self.contours is None else self.contours.place(patient, series)
 
-    def _labelled(self, series: DicomSeries, case: str, frames: np.ndarray,
+    def _labelled(self, series: DicomSeries, case: str,
                   contoured: dict[int, dict[int, dict[str, Path]]]) -> list[CardiacVolume]:
         out, phases = [], SunnybrookContours.phases(contoured)
         for t, by_slice in sorted(contoured.items()):
@@ -420,7 +423,7 @@ class Dicom(Source):
                 "slices": slices, "unlabelled": ("RV",) if all(myo_labelled) else ("RV", "MYO"),
                 "myo_labelled": myo_labelled, "contours": [str(p) for files in used for p in files.values()]}
             out.append(CardiacVolume(series.patient, phases.get(t, f"F{t + 1:02d}"),
-                                     _check_image(frames[t][slices], series.folder),
+                                     _check_image(series.frame(t, slices), series.folder),
                                      label, series.spacing, self.layout, series.folder, t + 1, None,
                                      dict(self.labels), meta))
         return out
@@ -460,7 +463,7 @@ class Dicom(Source):
                     yield from scan.frames
                 continue
             series = found[0]
-            yield from self._labelled(series, self._case(series, 1), series.frames(), contoured)
+            yield from self._labelled(series, self._case(series, 1), contoured)
 
     def cine(self, patients=None):
         for scan in self.scans(patients):
