@@ -8,8 +8,9 @@ writes into ``output``:
 - ``<case>_pred.nii.gz``: one per input file, with the input's shape, affine and header (data type uint8),
   labels in ACDC's convention (0 background, 1 RV, 2 MYO, 3 LV), so that it overlays the input in ITK-SNAP and
   3D Slicer. A 4D cine gives ONE 4D mask (X, Y, Z, T), every frame segmented. A DICOM series gets the affine of
-  its headers (``cmr_utils.readers.dicom``); another non-NIfTI input gets a diagonal affine of its voxel spacing; one without spacing (LA2018's HDF5, ACDC's without its ``spacing.csv``) gets an
-  identity affine (unit spacing) and a warning says so;
+  its headers (``cmr_utils.readers.dicom``); another non-NIfTI input gets a diagonal affine of its voxel spacing;
+  one without spacing (LA2018's HDF5, ACDC's without its ``spacing.csv``) gets an identity affine (unit spacing)
+  and a warning says so;
 - ``volumes.csv``: per case and phase (or cine frame), the LV, RV and myocardial volumes (mL; pixels where
   the source has no spacing: column ``volume_unit``), the myocardial mass (g, at 1.05 g/mL) and the LV and
   RV ejection fractions (%) on the ED and ES rows where both phases are known, and ``check``: "ok", or the

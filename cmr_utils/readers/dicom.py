@@ -19,11 +19,13 @@ Sunnybrook Cardiac Data (Radau et al. 2009; ``readers.sunnybrook``): where ``lin
 the folder (or beside it, when the folder is ``dicoms/``), the hand-drawn contours label the LV cavity (3) and the
 myocardium (2); there is no RV label. The labelled volumes are then the contoured frames, each holding only the
 slices that have contours (``meta["slices"]``: their indices in the frame's full stack), named ED and ES where
-two frames are contoured (the larger LV cavity is ED); the scans and the cine stay unlabelled. A slice with an inner contour alone (Sunnybrook's ES frames, a few slices of some ED frames) labels
-the LV alone: there the myocardium is background in the label although it is not known. ``meta["myo_labelled"]``
-says per slice whether the myocardium is labelled, and ``meta["unlabelled"]`` names the structures the volume does
-not label on every slice (``("RV",)`` or ``("RV", "MYO")``). The metrics do not read these yet: MYO and RV scores
-on such volumes are not meaningful, LV scores are.
+two frames are contoured (the larger LV cavity is ED); the scans and the cine stay unlabelled. A slice with an
+inner contour alone (Sunnybrook's ES frames, a few slices of some ED frames) labels the LV alone: there the
+myocardium is background in the label although it is not known. ``meta["myo_labelled"]`` says per slice whether
+the myocardium is labelled, and ``meta["unlabelled"]`` names the structures the volume does not label on every
+slice (``("RV",)`` or ``("RV", "MYO")``); ``evaluate.score_source`` leaves those out. The other metrics code
+(the prepared splits of stage 01, ``metrics``) does not read it: do not train or score MYO or RV on these labels
+there.
 """
 from __future__ import annotations
 
