@@ -222,7 +222,7 @@ def test_non_mr_and_localiser_series_are_skipped_with_a_warning(tmp_path, caplog
     assert "localiser series 9.9.2" in caplog.text and str(loc[(0, 0)].parent) in caplog.text
 
 
-def test_only_non_mr_is_no_patient(tmp_path, caplog):
+def test_only_non_mr_is_no_patient(tmp_path):
     write_series(tmp_path, n_slices=2, n_phases=1, modality="CT")
     with pytest.raises(DataError, match="no patients found for layout dicom"):
         open_source(tmp_path)
@@ -447,6 +447,7 @@ def test_sunnybrook_labels_land_on_their_frames(sunnybrook):
                     n_both += 1
     assert n_labelled == 96  # one labelled slice per inner contour: 96 frames in the release
     assert n_both == 46 - 9 and n_touching == 2  # 46 outer contours, SC-HF-I-6's 9 ignored
+    assert sum(sunnybrook.n_slices(p) for p in SUNNYBROOK) == 96
 
 
 def test_sunnybrook_copied_outer_contours_are_ignored(sunnybrook, caplog):
@@ -454,7 +455,6 @@ def test_sunnybrook_copied_outer_contours_are_ignored(sunnybrook, caplog):
         es, ed = sorted(sunnybrook.volumes(["SCD0000501"]), key=lambda v: v.phase != "ES")
     assert caplog.text.count("ignoring the outer contour") == 9 and "SC-HF-I-6/o-contours/IM-0001-0059" in caplog.text
     assert not (ed.label == 2).any() and ed.meta["unlabelled"] == ("RV", "MYO") and len(ed.meta["slices"]) == 11
-    assert sum(sunnybrook.n_slices(p) for p in SUNNYBROOK) == 96
 
 
 # ---------------------------------------------------------------------------------------------- prediction
