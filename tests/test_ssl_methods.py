@@ -17,18 +17,9 @@ from cmr_utils.budgets import patient_count
 from cmr_utils.plan import budget_variants, kept_budgets
 from cmr_utils.ssl.glcl import global_contrastive_loss, local_contrastive_loss, partition_of
 from cmr_utils.ssl.mim import random_patch_mask
+from test_ssl import synthetic_slices as slices  # bright discs over noise, float32 in [0, 1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def slices(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    out = 0.2 * rng.random((n, size, size), dtype=np.float32)
-    for i in range(n):
-        cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
-        out[i][(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2] += 0.7
-    return np.clip(out, 0, 1).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ the registry

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import gather_rows, sum_over_processes
+from ..training import fused_optimizer
 from .collapse import embedding_std
 
 
@@ -55,6 +56,14 @@ class SSLModule(pl.LightningModule):
         """The pretrained parts, as the FPN names them: ``{"encoder": state}`` (smp's ResNet18 encoder keys) and,
         for a method that pretrains it, ``"decoder"`` (the keys of smp's FPN decoder)."""
         return {"encoder": self.backbone.state_dict()}
+
+    def adamw_cosine(self) -> Any:
+        """AdamW over every parameter (``lr``, ``weight_decay`` from the hyper-parameters) with a per-epoch cosine
+        schedule over ``max_epochs``: the optimiser of the whole-network methods."""
+        hp = self.hparams
+        params = list(self.parameters())
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused_optimizer(params))
+        return cosine_or_constant(optimizer, hp.max_epochs)
 
     def _check_finite(self, loss: Tensor, stage: str) -> None:
         if not torch.isfinite(loss.detach()).all():

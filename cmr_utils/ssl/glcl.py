@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..fpn import build_fpn
-from ..training import fused_optimizer
-from .base import SSLModule, cosine_or_constant
+from .base import SSLModule
 from .checks import require_float, require_int
 from .registry import Method, register
 from .views import make_native_views
@@ -163,10 +162,7 @@ class GlobalLocalContrastiveModule(SSLModule):
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        params = list(self.parameters())
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused_optimizer(params))
-        return cosine_or_constant(optimizer, hp.max_epochs)
+        return self.adamw_cosine()
 
 
 register(Method(
