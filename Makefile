@@ -191,8 +191,9 @@ clean-outputs: ## delete the runs and reports of this PROFILE and DATA
 .PHONY: help env prepare pretrain finetune run evaluate explain report test lab bench sync clean-outputs
 
 # ------------------------------------------------------------------------------------------ new scans
-# make predict RUN=<init>-<budget>-s<seed> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...] [LABEL_MAP=1:3,2:2,3:1]
-# The run is looked up in the workspace of PROFILE and DATA (where it was trained); INPUT may hold any supported
+# make predict RUN=<run folder, or init-budget-sSEED> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...] [LABEL_MAP=1:3,2:2,3:1]
+# RUN is the path of a run folder (it carries its plans.json: a copy anywhere works), or a run name looked up in the
+# workspace of PROFILE and DATA (where it was trained); INPUT may hold any supported
 # layout; OUTPUT gets <case>_pred.nii.gz (the input's grid and header) and volumes.csv. See README "Predict on new scans".
 RUN ?=
 INPUT ?=

@@ -220,11 +220,13 @@ def external_validation(results: pd.DataFrame, sources: dict[str, Source], profi
     """Every run of ``results`` (its validation-selected model, with the preprocessing it was trained with:
     ``cmr_utils.predict_scans.open_run``) scored on every external ``source`` on each volume's own grid
     (``score_source``): ``(per_volume, ef)`` with the run keys and ``dataset``, ``layout`` columns."""
+    from .params import load_profile
     from .predict_scans import open_run
 
+    flips = load_profile(profile)["evaluate"]["test_time_flips"]  # as the internal test split is scored
     per_volume, ef = [], []
     for run in results.itertuples():
-        trained = open_run(run.name, profile, data, device=device)
+        trained = open_run(run.name, profile, data, device=device, flips=flips)
         keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
         for name, source in sources.items():
             scored = score_source(trained.segment, source)

@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import augment_batch
 from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
+from .encoders import IN_CHANNELS
 from .files import atomic_write
 from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
+from .plans import PLANS_FILE, Preprocessing, run_plans, write_plans
 from .budgets import patient_count
 from .training import FORK_STRATEGIES, EpochLine, fused_optimizer, quiet_lightning, trainer_options
 
@@ -308,11 +310,14 @@ def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
                        freeze_encoder: bool, trainer: dict, recipe: dict | None = None, encoder_path=None,
-                       name: str | None = None, val_every: int = 1, decoder_path=None) -> dict:
+                       name: str | None = None, val_every: int = 1, decoder_path=None,
+                       preprocessing: Preprocessing | None = None, test_time_flips: bool = False) -> dict:
     """Train one run into ``run_dir``; return its summary (also written as ``result.json`` by the caller).
 
     Writes ``model.pt`` (the state_dict of the epoch with the best validation Dice), ``history.csv`` (per-epoch
-    train/validation loss, IoU and Dice per structure); the caller records the run's label budget
+    train/validation loss, IoU and Dice per structure) and, given the ``preprocessing`` the slices were made with
+    (``cmr_utils.plans.Preprocessing``, from stage 01's manifest) and ``test_time_flips``, ``plans.json``: all the
+    run folder needs to predict on its own (``cmr_utils.plans``); the caller records the run's label budget
     (``labelled_slices.csv``). ``recipe``: loss, optimizer, weight_decay, schedule, warmup_epochs, augment
     (``params/<profile>.yaml``, section ``finetune``); missing keys take the study's recipe. ``val_every``: validate
     (and select) every that many epochs; it must divide ``epochs``, so that the last epoch is among those validated.
@@ -323,6 +328,8 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
 
     if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1 or epochs % val_every:
         raise ValueError(f"val_every: expected a positive integer dividing epochs ({epochs}), got {val_every!r}")
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing: expected a cmr_utils.plans.Preprocessing, got {type(preprocessing).__name__}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -335,6 +342,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
     for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
         shutil.rmtree(run_dir / stale, ignore_errors=True)
+    (run_dir / PLANS_FILE).unlink(missing_ok=True)  # nor leaves the previous model's plans beside a failed run
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
     progress = EpochLine(name or run_dir.name, n_images=len(train.dataset))
@@ -359,23 +367,30 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     atomic_write(run_dir / "history.csv", lambda temp: history.to_csv(temp, index=False))
     best_row = history.loc[history["val_dice"].idxmax()]
     losses = history["train_loss"].to_numpy()
-    return {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
-            "frozen_encoder": freeze_encoder, "epochs": epochs, "val_every": val_every,
-            "best_epoch": int(best_row["epoch"]),
-            "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
-            "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
-            "processes": fit.world_size,
-            "train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1]),
-            "recipe": module.recipe, "wall_s": round(time.time() - started, 1)}
+    result = {"status": "ok", "init": init, "seed": seed, "n_labelled": int(len(indices)),
+              "frozen_encoder": freeze_encoder, "epochs": epochs, "val_every": val_every,
+              "best_epoch": int(best_row["epoch"]),
+              "best_val_dice": float(best_row["val_dice"]), "best_val_iou": float(best_row["val_iou"]),
+              "best_train_iou": float(history["train_iou"].max()), "precision": options["precision"],
+              "processes": fit.world_size,
+              "train_loss_first": float(losses[0]), "train_loss_last": float(losses[-1]),
+              "recipe": module.recipe, "wall_s": round(time.time() - started, 1)}
+    if preprocessing is not None:
+        training = {k: result[k] for k in ("seed", "n_labelled", "frozen_encoder", "epochs", "best_epoch",
+                                           "precision", "recipe")}
+        write_plans(run_dir, run_plans(preprocessing, test_time_flips=test_time_flips, init=init, n_classes=N_CLASSES,
+                                       in_channels=IN_CHANNELS,
+                                       training={**training, "batch_size": batch_size, "lr": lr}))
+    return result
 
 
-def load_trained_model(run_dir: str | Path) -> torch.nn.Module:
+def load_trained_model(run_dir: str | Path, n_classes: int = N_CLASSES) -> torch.nn.Module:
     """The selected (best-validation) model of a run, in eval mode on the CPU, its weights channels-last: a CPU
     convolves such a model's inputs about 17 % faster in fp32 (stage 04, 128 px); predictions differ only by rounding
     (stage 04 on the shared ACDC, also moved from one thread to two: 2 of 576 structure scores, by < 1e-4 Dice)."""
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model; run stage 03 for this run first")
-    model = build_segmentation_model("random")
+    model = build_segmentation_model("random", n_classes=n_classes)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model.to(memory_format=torch.channels_last).eval()

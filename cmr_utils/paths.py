@@ -133,6 +133,35 @@ class Workspace:
         return self.tables / name
 
 
+def run_folder(run: str | os.PathLike, profile: str = "default", data: str | None = "") -> Path:
+    """The folder of a fine-tuning run: ``run`` itself where it is a path (it has a ``/``, or is a folder holding a
+    run's ``plans.json`` or ``result.json``; a copied run folder anywhere), else the run named ``run``
+    (``{init}-{budget}-s{seed}``) of the workspace of ``profile`` and ``data``. A name that is not a run there is an
+    error naming the profiles and data that have it, and this workspace's runs."""
+    text = os.fspath(run)
+    if not text.strip():
+        raise ValueError("run: expected a run folder or a run name like random-all-s0, got an empty string")
+    folder = Path(text).expanduser()
+    if isinstance(run, os.PathLike) or "/" in text or os.sep in text or \
+            any((folder / marker).is_file() for marker in ("plans.json", "result.json")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"run folder {folder} does not exist")
+        return folder.resolve()
+    ws = workspace(profile, data)
+    folder = ws.finetune_dir(text)
+    if (folder / "result.json").is_file() or (folder / "plans.json").is_file():
+        return folder
+    elsewhere = sorted(p.parent for p in ws.root.glob(f"runs/*/*/finetune/{text}/result.json"))
+    hint = ""
+    if elsewhere:
+        hint = "; it exists for " + ", ".join(f"profile {p.parents[1].name} on data {p.parents[2].name}"
+                                               for p in elsewhere) + " (pass that PROFILE= and DATA=)"
+    available = sorted(p.parent.name for p in ws.runs.glob("finetune/*/result.json"))
+    raise FileNotFoundError(f"run {text!r} does not exist for profile {profile!r} on data {ws.tag} "
+                            f"({folder} has no result.json){hint}; runs of this workspace: "
+                            f"{available or 'none (run make finetune)'}; or give the path of a run folder")
+
+
 def workspace(profile: str, data: str | None = "") -> Workspace:
     if not isinstance(profile, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
         raise ValueError(f"profile: expected a profile name like 'default', got {profile!r}")

@@ -20,14 +20,14 @@ A prediction that missed the heart is written (exit code 0) but never silently: 
 ``predict: WARNING <case> <phase>: <findings>`` goes to stderr even with ``progress=False`` (which silences
 progress only), and the summary line counts the flagged frames.
 
-**The run's preprocessing is read back, not re-typed.** Stage 01 put every slice on the model's grid
-(``cmr_utils.geometry``: physical geometry — resampled to the manifest's ``target_spacing`` mm, so a scan of any
-pixel size or framing is seen at the training scale, padded, the heart located first in a wider field — or,
-without spacing, pixel geometry: ``resize``, ``field_of_view``, ``image_size``) and normalised each volume to
-[0, 1] between its 1st and 99th intensity percentiles (``cmr_utils.prepare.normalise_volume``'s defaults, which
-stage 01 uses). Stage 03 writes that as the ``preprocessing`` record of the run's ``result.json``, so that the
-run folder alone predicts; runs from before that record are read from the manifest they were trained on (its
-SHA-256 is ``result.json``'s ``data_manifest_sha256``), used only if it is still that file.
+**The run folder alone predicts.** Stage 03 wrote everything the model needs into the run's ``plans.json``
+(``cmr_utils.plans``): stage 01's preprocessing (``cmr_utils.geometry``: physical geometry — resampled to
+``target_spacing`` mm, so a scan of any pixel size or framing is seen at the training scale, padded, the heart
+located first in a wider field — or, without spacing, pixel geometry: ``resize``, ``field_of_view``,
+``image_size``; each volume normalised to [0, 1] between the intensity percentiles stage 01 recorded), the
+test-time flips, the label map and the model's build arguments. ``RUN=`` is a run name of the workspace of
+``PROFILE=`` and ``DATA=``, or the path of a run folder (a copy on a machine without the workspace works the
+same). A run trained before runs carried ``plans.json`` is an error that says to retrain it.
 Each cine frame is normalised on its own, as a labelled volume was in training.
 
 Nothing is written until every scan is predicted: the outputs are made in a temporary sibling folder and
@@ -38,20 +38,18 @@ prediction and nothing else.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
-import json
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .files import AtomicDir
+from .plans import Preprocessing, read_plans
 from .readers import CardiacVolume, DataError, Scan, open_source
 
 MYOCARDIAL_DENSITY = 1.05  # g/mL, the usual constant for myocardial mass
@@ -59,76 +57,10 @@ VOLUME_COLUMNS = ["case", "patient", "phase", "frame", "volume_unit", "lv_volume
                   "myo_mass_g", "lv_ef", "rv_ef", "check"]  # check: "ok" or the plausibility findings
 
 
-# ---------------------------------------------------------------------------------------------- preprocessing
-@dataclass(frozen=True)
-class Preprocessing:
-    """What stage 01 did to a volume before the model saw it."""
-
-    image_size: int
-    resize: str
-    field_of_view: float
-    normalise_low: float  # percentiles of ``normalise_volume``
-    normalise_high: float
-    geometry: str = "pixel"  # physical: resampled to target_spacing mm (cmr_utils.geometry); records before: pixel
-    target_spacing: float | None = None
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> "Preprocessing":
-        from .prepare import normalise_volume
-
-        defaults = inspect.signature(normalise_volume).parameters  # stage 01 calls it with its defaults
-        return cls(int(manifest["image_size"]), manifest["resize"], float(manifest.get("field_of_view", 1.0)),
-                   float(defaults["low"].default), float(defaults["high"].default),
-                   manifest.get("geometry", "pixel"), manifest.get("target_spacing"))
-
-    def geometry_of(self, vol: CardiacVolume):
-        """The geometry a volume is seen in: physical where the run was trained so and the volume has spacing
-        (a warning says when a physical run must fall back to the scan's own field of view)."""
-        from .geometry import geometry_for
-
-        if self.geometry == "physical" and vol.spacing is None:
-            warnings.warn(f"{vol.path}: no voxel spacing; this run was trained at {self.target_spacing} mm per pixel, "
-                          "so the scan is seen relative to its own field of view (pixel geometry) and a heart framed "
-                          "unlike the training scans may be missed: give the files their spacing", stacklevel=3)
-        return geometry_for(self.as_dict(), *vol.image.shape[1:], vol.spacing)
-
-    def to_model(self, vol: CardiacVolume) -> tuple[np.ndarray, object]:
-        """The volume normalised to [0, 1] as stage 01 did it, and the geometry to put it on the model's grid."""
-        from .prepare import normalise_volume
-
-        return normalise_volume(vol.image, self.normalise_low, self.normalise_high), self.geometry_of(vol)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_preprocessing(run_dir: Path, prepared_dir: Path) -> Preprocessing:
-    """The preprocessing run ``run_dir`` was trained with: its ``result.json``'s ``preprocessing`` record, or
-    the prepared manifest whose SHA-256 the run recorded (an error if the manifest changed since)."""
-    result = _read_result(run_dir)
-    if "preprocessing" in result:
-        return Preprocessing(**result["preprocessing"])
-    manifest = Path(prepared_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: missing; the preprocessing of run {run_dir.name} is read from the "
-                                "prepared data it was trained on (rerun stage 01 and 03)")
-    recorded = result.get("data_manifest_sha256")
-    if hashlib.sha256(manifest.read_bytes()).hexdigest() != recorded:
-        raise DataError(f"{manifest}: not the prepared data run {run_dir.name} was trained on (its result.json "
-                        f"records manifest SHA-256 {str(recorded)[:12]}...); stage 01 was rerun since: rerun "
-                        "stage 03 for this run, or use the workspace it was trained in")
-    return Preprocessing.from_manifest(json.loads(manifest.read_text()))
-
-
 # ---------------------------------------------------------------------------------------------- the run
-def _read_result(run_dir: Path) -> dict:
-    path = Path(run_dir) / "result.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path}: missing; run stage 03 for {Path(run_dir).name} first") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
+def run_preprocessing(run_dir: Path) -> Preprocessing:
+    """The preprocessing run ``run_dir`` was trained with, from its ``plans.json`` (``cmr_utils.plans``)."""
+    return Preprocessing(**read_plans(run_dir)["preprocessing"])
 
 
 @dataclass
@@ -141,7 +73,7 @@ class TrainedRun:
     model: object
     preprocessing: Preprocessing
     batch_size: int = 16
-    flips: bool = False  # test-time flips (the profile's evaluate.test_time_flips)
+    flips: bool = False  # test-time flips (the run's plans: the profile's evaluate.test_time_flips when it trained)
     bf16: bool = False  # bf16 autocast (trained in bf16 and the device runs it natively: training.predicts_in_bf16)
 
     def probabilities(self, vol: CardiacVolume) -> np.ndarray:
@@ -155,40 +87,27 @@ class TrainedRun:
         return self.probabilities(vol).argmax(axis=1).astype(np.uint8)
 
 
-def open_run(run: str, profile: str = "default", data: str | None = "", *, device: str = "cpu",
-             batch_size: int = 16) -> TrainedRun:
-    """Run ``run`` (``{init}-{budget}-s{seed}``) of the workspace of ``profile`` and ``data``, ready to segment.
+def open_run(run: str | Path, profile: str = "default", data: str | None = "", *, device: str = "cpu",
+             batch_size: int = 16, flips: bool | None = None) -> TrainedRun:
+    """A trained run, ready to segment: ``run`` is the path of a run folder (a copy anywhere predicts the same), or
+    a run name (``{init}-{budget}-s{seed}``) of the workspace of ``profile`` and ``data``
+    (``cmr_utils.paths.run_folder``).
 
-    A run that does not exist there, was trained with another profile or data, did not train (status not
-    ok) or has no model is an error that says which, and where to look. Predictions average over flips when
-    the profile's ``evaluate.test_time_flips`` says so, and in bf16 where the run trained in bf16 and ``device`` runs
-    it natively, as stage 04 scores them."""
+    Everything comes from the folder's ``plans.json`` and ``model.pt`` (``cmr_utils.plans``): the preprocessing,
+    the label map, the model's build arguments, test-time flips (``flips`` overrides them: stage 04 passes its
+    profile's) and bf16 where the run trained in bf16 and ``device`` runs it natively, as stage 04 scores them. A run
+    that does not exist, did not train (status not ok) or was trained before runs carried their plans is an error
+    that says which (retrain it)."""
     from .finetune import load_trained_model
-    from .params import load_profile
-    from .paths import workspace
+    from .paths import run_folder
     from .training import predicts_in_bf16
 
-    ws = workspace(profile, data)
-    run_dir = ws.finetune_dir(run)
-    if not (run_dir / "result.json").is_file():
-        elsewhere = sorted(p.parent for p in ws.root.glob(f"runs/*/*/finetune/{run}/result.json"))
-        hint = ""
-        if elsewhere:
-            hint = "; it exists for " + ", ".join(f"profile {p.parents[1].name} on data {p.parents[2].name}"
-                                                   for p in elsewhere) + " (pass that PROFILE= and DATA=)"
-        available = sorted(p.parent.name for p in ws.runs.glob("finetune/*/result.json"))
-        raise FileNotFoundError(f"run {run!r} does not exist for profile {profile!r} on data {ws.tag} "
-                                f"({run_dir} has no result.json){hint}; runs of this workspace: "
-                                f"{available or 'none (run make finetune)'}")
-    result = _read_result(run_dir)
-    if result.get("status") != "ok":
-        raise DataError(f"{run_dir / 'result.json'}: run {run} has status {result.get('status')!r}, no model "
-                        f"({result.get('reason', 'no reason recorded')})")
-    preprocessing = run_preprocessing(run_dir, ws.prepared)
-    model = load_trained_model(run_dir).to(device).eval()
-    flips = load_profile(profile)["evaluate"]["test_time_flips"]
-    return TrainedRun(run, run_dir, model, preprocessing, batch_size, flips,
-                      predicts_in_bf16(result.get("precision"), device))
+    run_dir = run_folder(run, profile, data)
+    plans = read_plans(run_dir)
+    model = load_trained_model(run_dir, plans["model"]["n_classes"]).to(device).eval()
+    flips = plans["predict"]["test_time_flips"] if flips is None else flips
+    return TrainedRun(run_dir.name, run_dir, model, Preprocessing(**plans["preprocessing"]), batch_size, bool(flips),
+                      predicts_in_bf16(plans["training"].get("precision"), device))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -347,7 +266,7 @@ def predict_run(run: str, input_dir, output_dir, *, profile: str = "default", da
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="{init}-{budget}-s{seed}, e.g. random-all-s0")
+    parser.add_argument("--run", required=True, help="a run folder (its path), or a run name of PROFILE and DATA, e.g. random-all-s0")
     parser.add_argument("--input", required=True, help="folder of scans in a supported layout")
     parser.add_argument("--output", required=True, help="folder for <case>_pred.nii.gz and volumes.csv")
     parser.add_argument("--profile", default="default")
@@ -359,7 +278,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for name in ("run", "input", "output"):
         if not getattr(args, name).strip():
-            print(f"error: {name.upper()}= is empty; usage: make predict RUN=<init>-<budget>-s<seed> "
+            print(f"error: {name.upper()}= is empty; usage: make predict RUN=<run folder or name> "
                   "INPUT=<folder> OUTPUT=<folder>", file=sys.stderr)
             return 2
     try:

@@ -11,7 +11,7 @@ into train / validation / test (never a patient in two splits), and writes, atom
     pool_slices.csv               one row per pool slice: source, patient, phase, slice, position (in [0, 1))
     manifest.json                 sources (folder, layout, content hash, geometry), geometry (``geometry``:
                                   physical or pixel; target_spacing, window_mm; image_size, resize,
-                                  field_of_view), parameters, counts
+                                  field_of_view), normalise_percentiles, parameters, counts
 
 Geometry (``cmr_utils.geometry``): with ``geometry="physical"`` and a labelled source whose files carry voxel
 spacing, every slice is resampled to one target spacing (``target_spacing="auto"``: the smallest that puts every
@@ -42,6 +42,8 @@ from .readers import CardiacVolume, DataError, Source
 SPLITS = ("train", "val", "test")
 # the training window holds the widest training heart (measured from the slice's centre) with 10 % to spare
 WINDOW_MARGIN = 1.1
+# each volume's intensities between these percentiles are scaled to [0, 1] (robust to bright outliers)
+NORMALISE_PERCENTILES = (1.0, 99.0)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -77,7 +79,8 @@ def split_patients(patients: list[str], fractions: tuple[float, float, float], s
 
 
 # ---------------------------------------------------------------------------------------------- slices
-def normalise_volume(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+def normalise_volume(image: np.ndarray, low: float = NORMALISE_PERCENTILES[0],
+                     high: float = NORMALISE_PERCENTILES[1]) -> np.ndarray:
     """Clip to the volume's [low, high] percentiles and scale to [0, 1] (robust to bright outliers)."""
     lo, hi = np.percentile(image, [low, high])
     if hi <= lo:
@@ -151,6 +154,7 @@ def content_hash(files: list[Path], root: Path) -> str:
 def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: int, resize: str,
                     split_fractions: tuple[float, float, float], split_seed: int,
                     field_of_view: float = 1.0, geometry: str = "pixel", target_spacing: float | str = "auto",
+                    normalise_percentiles: tuple[float, float] = NORMALISE_PERCENTILES,
                     parameters: dict | None = None, log=print) -> dict:
     """Write the prepared slice sets of ``sources`` (the first one labelled) to ``out_dir``; return the manifest.
 
@@ -158,13 +162,18 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
     square and resized to ``image_size`` (``cmr_utils.geometry.SliceGeometry``; stage 04 maps predictions back
     with the same rule, from the manifest's ``resize``, ``field_of_view``, ``image_size`` and the slices'
     ``orig_h``, ``orig_w``); ``geometry="physical"`` resamples sources with voxel spacing to one target spacing
-    (module docstring). ``log``: where the line saying each source's geometry goes."""
+    (module docstring); each volume is normalised between its ``normalise_percentiles`` (recorded in the manifest,
+    so that a run predicts as it was prepared). ``log``: where the line saying each source's geometry goes."""
     if not sources:
         raise ValueError("prepare_dataset: no data source given")
     labelled, extras = sources[0], sources[1:]
     SliceGeometry(1, 1, resize, field_of_view, image_size)  # fails early on a bad mode or field of view
     if geometry not in GEOMETRIES:
         raise ValueError(f"data.geometry: expected one of {GEOMETRIES}, got {geometry!r}")
+    low, high = (float(p) for p in normalise_percentiles)
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"normalise_percentiles: expected (low, high) with 0 <= low < high <= 100, got "
+                         f"{normalise_percentiles!r}")
     if target_spacing != "auto" and (isinstance(target_spacing, bool) or not isinstance(target_spacing, (int, float))
                                      or not 0 < target_spacing < math.inf):
         raise ValueError(f"data.target_spacing: expected 'auto' or a positive number of mm, got {target_spacing!r}")
@@ -201,7 +210,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
             images, labels, rows = [], [], []
             for vol in labelled.volumes(split[name]):
                 geo = geometry_for(records[id(labelled)], *vol.image.shape[1:], vol.spacing)
-                img, lab = geo.to_model(normalise_volume(vol.image), vol.label)
+                img, lab = geo.to_model(normalise_volume(vol.image, low, high), vol.label)
                 images.append(img)
                 labels.append(lab)
                 rows += _slice_rows(vol, geo)
@@ -216,7 +225,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
         for source, members in [(labelled, pretrain_patients)] + [(s, None) for s in extras]:
             for vol in source.cine(members):
                 img, _ = geometry_for(records[id(source)], *vol.image.shape[1:], vol.spacing).to_model(
-                    normalise_volume(vol.image))
+                    normalise_volume(vol.image, low, high))
                 pool.append(img.astype(np.float16))
                 # position: the slice's place along its volume's short axis, in [0, 1) (global contrastive positives)
                 rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
@@ -231,6 +240,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
                          "role": "labelled" if s is labelled else "pretraining only",
                          "geometry": records[id(s)]["geometry"]} for s in sources],
             **records[id(labelled)],
+            "normalise_percentiles": [low, high],
             "split": {"fractions": list(split_fractions), "seed": split_seed},
             "counts": counts, "parameters": parameters or {},
         }

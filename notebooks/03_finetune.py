@@ -12,7 +12,8 @@
 # **Inputs**: the prepared slices of stage 01; for a pretrained initialisation, what stage 02 exported: the encoder,
 # and the decoder for the methods that pretrain it (the output head is always new).
 # **Outputs**: `runs/<data>/<profile>/finetune/<run>/`: `model.pt` (the epoch with the best validation Dice),
-# `history.csv`, `labelled_slices.csv` (the run's label budget) and `result.json`.
+# `plans.json` (all the run needs to predict: preprocessing, test-time flips, labels, model, recipe, versions; the
+# folder alone is the model), `history.csv`, `labelled_slices.csv` (the run's label budget) and `result.json`.
 # **Parameters**: `run` = `{init}-{budget}-s{seed}` and `params/<profile>.yaml`, sections `finetune`, `trainer`.
 #
 # The label budget is drawn from the training split only, nested across budgets for a given seed (150 within
@@ -36,7 +37,7 @@ from cmr_utils.finetune import run_schedule, sample_budgets, train_segmentation
 from cmr_utils.models import WeightsUnavailable, pretrained_parts
 from cmr_utils.params import load_profile
 from cmr_utils.plan import plan_runs
-from cmr_utils.predict_scans import Preprocessing
+from cmr_utils.plans import Preprocessing
 from cmr_utils.prepare import Prepared
 
 params = load_profile(profile)
@@ -76,14 +77,14 @@ try:
         recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
         encoder_path=ws.encoder_path(init) if "encoder" in parts else None,
         decoder_path=ws.decoder_path(init) if "decoder" in parts else None,
+        preprocessing=Preprocessing.from_manifest(prepared.manifest, str(ws.prepared / "manifest.json")),
+        test_time_flips=params["evaluate"]["test_time_flips"],  # written into plans.json with the model
     )
 except WeightsUnavailable as err:
     # recorded, not hidden: the report lists this initialisation as unavailable (never trained from random)
     result = {"status": "unavailable", "init": init, "seed": seed, "reason": str(err)}
     print(f"UNAVAILABLE: {err}")
-# the preprocessing the model needs (geometry in mm or pixels, normalisation), so that the run predicts without stage 01
-result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash,
-              preprocessing=Preprocessing.from_manifest(prepared.manifest).as_dict())
+result.update(run=run, budget=budget, data_manifest_sha256=prepared.manifest_hash)
 if main:
     write_json_atomic(out / "result.json", result)
 result

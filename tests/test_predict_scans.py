@@ -1,8 +1,8 @@
 """make predict's function: every layout in, NIfTI on the input's grid and volumes.csv out; the run's records read
 back; every bad input a clear error with nothing half-written; a prediction that missed the heart flagged in
 volumes.csv and on stderr; external scoring of the phantom in new layouts."""
-import hashlib
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -165,25 +165,30 @@ def test_make_predict_exits_0_with_the_warnings(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- a trained run
-@pytest.fixture(scope="module")
-def run_workspace(tmp_path_factory, one_thread):
-    """A run folder as stage 03 leaves it (model.pt, result.json with the manifest's hash) beside its prepared
-    manifest, in the workspace of profile 'tiny' on a data folder."""
+def write_run(run_dir, preprocessing, flips=True):
+    """A run folder as stage 03 leaves it: a model (random weights) and its plans.json."""
     import torch
 
     from cmr_utils.models import build_segmentation_model
+    from cmr_utils.plans import Preprocessing, run_plans, write_plans
+
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_segmentation_model("random").state_dict(), run_dir / "model.pt")
+    (run_dir / "result.json").write_text(json.dumps({"status": "ok"}))
+    write_plans(run_dir, run_plans(Preprocessing(**preprocessing), test_time_flips=flips, init="random", n_classes=4,
+                                   in_channels=1, training={"precision": "32-true"}))
+
+
+@pytest.fixture(scope="module")
+def run_workspace(tmp_path_factory, one_thread):
+    """A run in the workspace of profile 'tiny' on a data folder, trained in pixel geometry with test-time flips."""
     from cmr_utils.paths import workspace
 
     data = str(tmp_path_factory.mktemp("train-data"))
     ws = workspace("tiny", data)
-    ws.prepared.mkdir(parents=True)
-    (ws.prepared / "manifest.json").write_text(json.dumps({"image_size": 32, "resize": "pad", "field_of_view": 0.8}))
-    run_dir = ws.finetune_dir("random-all-s0")
-    run_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(build_segmentation_model("random").state_dict(), run_dir / "model.pt")
-    sha = hashlib.sha256((ws.prepared / "manifest.json").read_bytes()).hexdigest()
-    (run_dir / "result.json").write_text(json.dumps({"status": "ok", "data_manifest_sha256": sha}))
+    write_run(ws.finetune_dir("random-all-s0"), {"image_size": 32, "resize": "pad", "field_of_view": 0.8,
+                                                  "normalise_low": 1.0, "normalise_high": 99.0})
     return data, ws
 
 
@@ -202,7 +207,7 @@ def test_a_run_predicts_on_the_input_grid(run_workspace, tmp_path):
     probs = trained.probabilities(next(open_source(inp).volumes()))
     assert probs.shape == (4, 4, 24, 20) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs[:, 0, :2] == 1).all()  # outside the 0.8 field of view: background, as stage 04 maps back
-    # the profile's test-time flips (tiny: on), as stage 04 scores: the flip-averaged probabilities, not one pass
+    # the run's test-time flips (its plans: on), as stage 04 scores: the flip-averaged probabilities, not one pass
     from cmr_utils.inference import predict_probabilities
 
     image, geometry = trained.preprocessing.to_model(next(open_source(inp).volumes()))
@@ -224,15 +229,65 @@ def test_run_errors(run_workspace, tmp_path, capsys):
     assert main(["--run", "random-all-s0", "--profile", "default", "--data", data, "--input", str(inp),
                  "--output", str(tmp_path / "out")]) == 2
     assert "error: run 'random-all-s0' does not exist for profile 'default'" in capsys.readouterr().err
-    manifest = ws.prepared / "manifest.json"
-    original = manifest.read_text()
-    manifest.write_text(json.dumps({"image_size": 64, "resize": "pad", "field_of_view": 0.8}))
-    try:
-        with pytest.raises(DataError, match="not the prepared data run random-all-s0 was trained on"):
-            open_run("random-all-s0", "tiny", data)
-    finally:
-        manifest.write_text(original)
+    old = ws.finetune_dir("random-all-s1")  # trained before runs carried their plans: retrain, never guess
+    old.mkdir()
+    (old / "result.json").write_text(json.dumps({"status": "ok", "preprocessing": {"image_size": 32}}))
+    with pytest.raises(FileNotFoundError, match=r"plans.json: missing; run random-all-s1 was trained before .*retrain"):
+        open_run("random-all-s1", "tiny", data)
+    (old / "result.json").write_text(json.dumps({"status": "unavailable", "init": "imagenet"}))
+    with pytest.raises(ValueError, match=r"run random-all-s1 has status 'unavailable', no model"):
+        open_run(str(old), "tiny", data)
+    assert main(["--run", str(tmp_path / "nowhere"), "--input", str(inp), "--output", str(tmp_path / "out")]) == 2
+    assert f"error: run folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_copied_run_folder_predicts_alone(tmp_path, monkeypatch, one_thread):
+    """A run trained by stage 03's function carries its plans.json; copied elsewhere, with the workspace, the data
+    folder and the output root gone, `make predict RUN=<the copy>` predicts what RUN=<its name> predicted."""
+    from cmr_utils.finetune import train_segmentation
+    from cmr_utils.paths import workspace
+    from cmr_utils.plans import Preprocessing
+    from test_finetune import CPU, synthetic
+
+    x, y = synthetic(16)
+    xv, yv = synthetic(4, seed=1)
+    data = tmp_path / "train-data"
+    data.mkdir()
+    monkeypatch.setenv("CMR_OUTPUT_ROOT", str(tmp_path / "machine-a"))
+    run_dir = workspace("tiny", str(data)).finetune_dir("random-all-s0")
+    preprocessing = Preprocessing(32, "pad", 0.8, 2.0, 98.0)  # percentiles other than normalise_volume's defaults
+    train_segmentation(x, y, xv, yv, run_dir, init="random", indices=np.arange(16), seed=0, epochs=1, batch_size=8,
+                       lr=1e-3, freeze_encoder=False, trainer=CPU, preprocessing=preprocessing, test_time_flips=True)
+    plans = json.loads((run_dir / "plans.json").read_text())
+    assert plans["preprocessing"] == preprocessing.as_dict() and plans["predict"] == {"test_time_flips": True}
+    assert plans["labels"] == {"0": "background", "1": "RV", "2": "MYO", "3": "LV"}
+    assert {k: plans["model"][k] for k in ("architecture", "encoder", "in_channels", "n_classes", "init")} == \
+        {"architecture": "FPN", "encoder": "resnet18", "in_channels": 1, "n_classes": 4, "init": "random"}
+    assert plans["training"]["recipe"]["loss"] == "dice" and plans["training"]["precision"] == "32-true"
+    assert plans["versions"]["torch"] and plans["versions"]["segmentation-models-pytorch"]
+    inp = write_pairs(tmp_path / "in")
+    assert main(["--run", "random-all-s0", "--profile", "tiny", "--data", str(data), "--input", str(inp),
+                 "--output", str(tmp_path / "by-name"), "--device", "cpu"]) == 0
+
+    copy = shutil.copytree(run_dir, tmp_path / "elsewhere" / "my model")
+    shutil.rmtree(tmp_path / "machine-a")  # another machine: no workspace, no prepared data, no training data
+    data.rmdir()
+    monkeypatch.setenv("CMR_OUTPUT_ROOT", str(tmp_path / "machine-b"))
+    trained = open_run(copy)
+    assert trained.preprocessing == preprocessing and trained.flips is True and trained.folder == copy
+    assert main(["--run", str(copy), "--input", str(inp), "--output", str(tmp_path / "by-path"), "--device",
+                 "cpu"]) == 0
+    for case in ("p01_ED", "p01_ES", "p02"):
+        by_name, by_path = (np.asanyarray(nib.load(str(tmp_path / out / f"{case}_pred.nii.gz")).dataobj)
+                            for out in ("by-name", "by-path"))
+        assert np.array_equal(by_name, by_path)
+    vol = next(open_source(inp).volumes())  # the recorded percentiles are the ones applied
+    from cmr_utils.prepare import normalise_volume
+
+    assert np.array_equal(trained.preprocessing.to_model(vol)[0], normalise_volume(vol.image, 2.0, 98.0))
+    assert not np.array_equal(trained.preprocessing.to_model(vol)[0], normalise_volume(vol.image))
+    assert not (tmp_path / "machine-b").exists()  # nothing of a workspace was needed, nor made
 
 
 # ---------------------------------------------------------------------------------------------- external scoring
@@ -265,22 +320,14 @@ def test_phantom_in_new_layouts_scores_as_the_test_split(phantom_sources, tmp_pa
 
 @pytest.fixture(scope="module")
 def physical_run(tmp_path_factory):
-    """A run trained in physical geometry (2.0 mm, a 32 px window), as stage 03 now leaves it: its result.json
-    carries the preprocessing, so the run predicts with the prepared data gone."""
-    import torch
-
-    from cmr_utils.models import build_segmentation_model
+    """A run trained in physical geometry (2.0 mm, a 32 px window) with test-time flips: its plans.json says so, and
+    no prepared data exists."""
     from cmr_utils.paths import workspace
 
     data = str(tmp_path_factory.mktemp("physical-data"))
-    ws = workspace("tiny", data)
-    run_dir = ws.finetune_dir("random-all-s0")
-    run_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(build_segmentation_model("random").state_dict(), run_dir / "model.pt")
-    preprocessing = {"image_size": 32, "resize": "pad", "field_of_view": 0.8, "normalise_low": 1.0,
-                     "normalise_high": 99.0, "geometry": "physical", "target_spacing": 2.0}
-    (run_dir / "result.json").write_text(json.dumps({"status": "ok", "preprocessing": preprocessing}))
+    write_run(workspace("tiny", data).finetune_dir("random-all-s0"),
+              {"image_size": 32, "resize": "pad", "field_of_view": 0.8, "normalise_low": 1.0, "normalise_high": 99.0,
+               "geometry": "physical", "target_spacing": 2.0})
     return data
 
 

@@ -91,6 +91,7 @@ def test_prepared_contents(prepared, phantom_sources):
         assert (rows["orig_h"] == vol.image.shape[1]).all() and (rows["orig_w"] == vol.image.shape[2]).all()
     manifest = prepared.manifest
     assert manifest["field_of_view"] == 0.8 and manifest["resize"] == "pad" and manifest["image_size"] == 32
+    assert manifest["normalise_percentiles"] == [1.0, 99.0]  # recorded, so that a run predicts as it was prepared
     assert [s["layout"] for s in manifest["sources"]] == ["acdc-nifti", "decathlon"]
     assert all(len(s["content_sha256"]) == 64 for s in manifest["sources"])
     assert manifest["counts"]["pool_slices"] == len(pool)
