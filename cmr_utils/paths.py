@@ -94,6 +94,13 @@ class Workspace:
         """The FPN decoder of a method that pretrains it (``cmr_utils.ssl.train.save_pretrained``)."""
         return self.pretrain_dir(method) / "decoder.pt"
 
+    def encoder_export_path(self, method: str) -> Path:
+        """The encoder for other libraries: torchvision's ResNet18 keys, in safetensors (``cmr_utils.export``)."""
+        return self.pretrain_dir(method) / "encoder.safetensors"
+
+    def model_card_path(self, method: str) -> Path:
+        return self.pretrain_dir(method) / "MODEL_CARD.md"
+
     # stage 03
     def finetune_dir(self, name: str) -> Path:
         return self.runs / "finetune" / name

@@ -13,7 +13,8 @@
 # volumes and of every extra source in `DATA` (no test patient is in it).
 # **Outputs**: `runs/<data>/<profile>/pretrain/<method>/encoder.pt` (a plain state_dict with the encoder key
 # names of segmentation-models-pytorch) and its JSON sidecar; `decoder.pt` for the methods that pretrain the FPN
-# decoder too (masked image modelling, global + local contrastive); `history.csv`; the loss-curve figure.
+# decoder too (masked image modelling, global + local contrastive); for other libraries, `encoder.safetensors`
+# (torchvision's ResNet18 keys) and `MODEL_CARD.md` (`cmr_utils.export`); `history.csv`; the loss-curve figure.
 # **Parameters**: `method` (`simsiam`, `swav`, `mim`, `glcl`, ...), and `params/<profile>.yaml`, section `pretrain`
 # (its common keys, then the method's registered defaults, then the profile's block for the method).
 #
@@ -30,7 +31,7 @@ method = "simsiam"
 # %%
 import json
 
-from cmr_utils import paths, plots, ssl
+from cmr_utils import export, paths, plots, ssl
 from cmr_utils.distributed import is_main_process
 from cmr_utils.params import load_profile, pretrain_settings
 from cmr_utils.prepare import Prepared, split_pool
@@ -81,6 +82,7 @@ if main:
         "pool_slices": {"train": len(train_idx), "val": len(val_idx), "train_by_source": seen},
     })
     print(json.dumps(json.loads(ws.encoder_path(method).with_suffix(".json").read_text()), indent=1)[:600])
+    print("for other libraries:", *export.export_encoder(ws, method, prepared.manifest))
 
 # %% [markdown]
 # ## Loss curves (train and validation loss per epoch)
