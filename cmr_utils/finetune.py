@@ -332,6 +332,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
         raise TypeError(f"preprocessing: expected a cmr_utils.plans.Preprocessing, got {type(preprocessing).__name__}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / PLANS_FILE).unlink(missing_ok=True)  # a run that fails leaves no plans of the previous model
     pl.seed_everything(seed, workers=True, verbose=False)
     started = time.time()
     options = trainer_options(trainer)
@@ -342,7 +343,6 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
     for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
         shutil.rmtree(run_dir / stale, ignore_errors=True)
-    (run_dir / PLANS_FILE).unlink(missing_ok=True)  # nor leaves the previous model's plans beside a failed run
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
     progress = EpochLine(name or run_dir.name, n_images=len(train.dataset))

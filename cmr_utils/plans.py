@@ -111,19 +111,19 @@ def read_plans(run_dir: str | Path) -> dict:
     """A run folder's plans, checked: a clear error for a folder that is not a run, a run that did not train, or
     one trained before runs carried their plans (retrain it)."""
     run_dir = Path(run_dir)
-    path = run_dir / PLANS_FILE
-    if not path.is_file():
-        result = run_dir / "result.json"
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"{run_dir}: no such run folder")
-        if not result.is_file():
-            raise FileNotFoundError(f"{run_dir}: not a trained run folder (no {PLANS_FILE}, no result.json)")
+    path, result = run_dir / PLANS_FILE, run_dir / "result.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if result.is_file():  # a run that did not train has no model, whatever files an earlier training left
         try:
             status = json.loads(result.read_text()).get("status")
         except json.JSONDecodeError:
             status = None
         if status not in (None, "ok"):
             raise ValueError(f"{result}: run {run_dir.name} has status {status!r}, no model")
+    if not path.is_file():
+        if not result.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a trained run folder (no {PLANS_FILE}, no result.json)")
         raise FileNotFoundError(f"{path}: missing; run {run_dir.name} was trained before runs recorded what they "
                                 "need to predict: retrain it (make finetune, or delete the run folder and rerun "
                                 "stage 03)")

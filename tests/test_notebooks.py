@@ -57,6 +57,12 @@ def test_make_report_tiny_produces_every_output(tiny_report):
     p1 = {init: pd.read_csv(ws.finetune_dir(f"{init}-p1-s0") / "labelled_slices.csv") for init in ("random", "glcl")}
     assert p1["random"]["patient"].nunique() == 1 and p1["random"].equals(p1["glcl"])
     assert json.loads((ws.finetune_dir("mim-p1-s0") / "result.json").read_text())["frozen_encoder"] is False
+    # every encoder exported for other libraries; every trained run carries what it needs to predict
+    assert all(ws.encoder_export_path(m).is_file() and ws.model_card_path(m).is_file()
+               for m in ("simsiam", "swav", "mim", "glcl"))
+    plans = json.loads((ws.finetune_dir("glcl-p1-s0") / "plans.json").read_text())
+    assert plans["model"]["init"] == "glcl" and plans["predict"]["test_time_flips"] is True
+    assert not (ws.finetune_dir("imagenet-all-s0") / "plans.json").exists()  # unavailable: no model, no plans
     assert "03_finetune-simsiam-8-s0.ipynb" in executed and "05_explain.ipynb" in executed
     # tiny runs budget 8 both ways (budgets_below_freeze: frozen_and_trained): the same slices, frozen and trained
     frozen, trained = (json.loads((ws.finetune_dir(f"random-{b}-s0") / "result.json").read_text()) for b in ("8", "8-trained"))
@@ -158,4 +164,5 @@ def test_imagenet_runs_once_the_weights_are_cached(tiny_report):
     assert "03_finetune-imagenet-all-s0" in again.stdout and "03_finetune-random-all-s0" not in again.stdout
     result = json.loads((tiny_report.finetune_dir("imagenet-all-s0") / "result.json").read_text())
     assert result["status"] == "ok" and (tiny_report.finetune_dir("imagenet-all-s0") / "model.pt").exists()
+    assert (tiny_report.finetune_dir("imagenet-all-s0") / "plans.json").exists()
     assert "imagenet: unavailable" not in tiny_report.report_html.read_text()
