@@ -77,7 +77,8 @@ def model_card(method: str, metadata: dict, manifest: dict, report: str, commit:
         f"# {spec.display} ResNet18 encoder for cardiac MRI (self-supervised)",
         "",
         f"A ResNet18 encoder pretrained with {spec.display} (`{method}`) on unlabelled cine short-axis MRI slices "
-        "by the cmr-ssl compendium (stage 02)." + (f" What it learns: {spec.summary.rstrip('.')}." if spec.summary else ""),
+        "by the cmr-ssl compendium (stage 02)."
+        + (f" What it learns: {spec.summary.rstrip('.')}." if spec.summary else ""),
         "",
         "## Files",
         "",

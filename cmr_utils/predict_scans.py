@@ -58,11 +58,6 @@ VOLUME_COLUMNS = ["case", "patient", "phase", "frame", "volume_unit", "lv_volume
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_preprocessing(run_dir: Path) -> Preprocessing:
-    """The preprocessing run ``run_dir`` was trained with, from its ``plans.json`` (``cmr_utils.plans``)."""
-    return Preprocessing(**read_plans(run_dir)["preprocessing"])
-
-
 @dataclass
 class TrainedRun:
     """A run's selected model with the preprocessing it was trained with; ``segment`` maps a volume (any
@@ -266,7 +261,8 @@ def predict_run(run: str, input_dir, output_dir, *, profile: str = "default", da
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a run folder (its path), or a run name of PROFILE and DATA, e.g. random-all-s0")
+    parser.add_argument("--run", required=True,
+                        help="a run folder (its path), or a run name of PROFILE and DATA, e.g. random-all-s0")
     parser.add_argument("--input", required=True, help="folder of scans in a supported layout")
     parser.add_argument("--output", required=True, help="folder for <case>_pred.nii.gz and volumes.csv")
     parser.add_argument("--profile", default="default")
