@@ -28,6 +28,7 @@ from . import metrics
 from .finetune import load_trained_model
 from .geometry import canvas_window, geometry_for
 from .inference import predict_volume
+from .plans import Preprocessing
 from .prepare import normalise_volume
 from .readers import CardiacVolume, DataError, Source, open_source
 from .training import predicts_in_bf16
@@ -185,8 +186,10 @@ def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, devic
     result = run_dir / "result.json"
     bf16 = predicts_in_bf16(json.loads(result.read_text()).get("precision") if result.is_file() else None, device)
     source = labelled_source(prepared) if source is None else source
+    preprocessing = Preprocessing.from_manifest(prepared.manifest, str(prepared.folder / "manifest.json"))
+    low, high = preprocessing.normalise_low, preprocessing.normalise_high  # as stage 01 normalised the slices
     return score_run(prepared, source, lambda vol, geometry: predict_volume(
-        model, normalise_volume(vol.image), geometry, batch_size, flips, bf16), split)
+        model, normalise_volume(vol.image, low, high), geometry, batch_size, flips, bf16), split)
 
 
 # ---------------------------------------------------------------------------------------------- external data
