@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import augment_batch
 from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
 from .files import atomic_write
-from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
+from .metrics import overlap_scores
+from .models import build_segmentation_model, set_encoder_frozen
+from .structures import N_CLASSES, STRUCTURES
 from .budgets import patient_count
 from .training import FORK_STRATEGIES, EpochLine, fused_optimizer, quiet_lightning, trainer_options
-
-STRUCTURES = ("RV", "MYO", "LV")
 
 
 def sample_budgets(n_train: int, budgets: list, seed: int, patients=None) -> dict[str, np.ndarray]:
@@ -267,12 +267,14 @@ class SegmentationModule(_lightning().LightningModule):
         loss_sum, n = stats["loss"]
         self.log(f"{stage}_loss", (loss_sum / n).float(), **log)
         tp, fp, fn = stats["counts"][:, 1:]
-        pooled = tp.sum() + fp.sum() + fn.sum()  # the study's IoU: pooled over slices and the 3 foreground classes
-        iou = tp.sum() / pooled if pooled > 0 else tp.new_tensor(float("nan"))
+        # the study's IoU (pooled over slices and the 3 foreground classes) as stage 04 computes it
+        iou, _ = overlap_scores(tp.sum(), fp.sum(), fn.sum(), empty=float("nan"))
         self.log(f"{stage}_iou", iou.float(), **log)
         if stage == "val":
-            dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-            for name, value in zip(STRUCTURES, dice):
+            # a structure absent from every validation slice and never predicted scores 1, as in stage 04's
+            # structure_scores (ACDC's convention), not 0
+            _, dice = overlap_scores(tp, fp, fn, empty=1.0)
+            for name, value in zip(STRUCTURES.values(), dice):
                 self.log(f"val_dice_{name}", value.float(), **log)
             self.log("val_dice", dice.mean().float(), **log)
 

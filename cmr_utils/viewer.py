@@ -20,9 +20,9 @@ from torch import nn
 from cmr_utils.explain.cam import DEFAULT_LAYER, seg_grad_cam
 from cmr_utils.explain.figures import label_colormap, overlay
 from cmr_utils.inference import predict
-from cmr_utils.metrics import STRUCTURES
+from cmr_utils.structures import STRUCTURE_LABELS, STRUCTURES
 
-STRUCTURE_CATEGORY: dict[str, int] = {name: category for category, name in STRUCTURES.items()}
+STRUCTURE_CATEGORY = STRUCTURE_LABELS  # name -> label value
 META_COLUMNS = ("patient", "phase", "slice")
 PANEL_TITLES = ("image", "ground truth", "prediction", "CAM")
 
