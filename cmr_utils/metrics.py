@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .structures import N_CLASSES, STRUCTURE_LABELS, STRUCTURES
+from .structures import N_CLASSES, STRUCTURES, structure_label
 
 # segmentation_models_pytorch is imported inside the functions that use it: it takes seconds to import,
 # and the volume metrics (Dice, HD95, EF) do not need it.
@@ -65,19 +65,6 @@ def _check_pair(pred, target, ndims: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {pred.shape} and {target.shape}")
     return pred, target
-
-
-def _structure_label(structure) -> int:
-    """Label of a structure given as its label (1, 2, 3) or its name ("RV", "MYO", "LV")."""
-    if isinstance(structure, str):
-        if structure not in STRUCTURE_LABELS:
-            raise ValueError(f"structure must be one of {sorted(STRUCTURE_LABELS)}, got {structure!r}")
-        return STRUCTURE_LABELS[structure]
-    if isinstance(structure, (bool, np.bool_)) or not isinstance(structure, Integral):
-        raise TypeError(f"structure must be a label {sorted(STRUCTURES)} or a name, got {structure!r}")
-    if int(structure) not in STRUCTURES:
-        raise ValueError(f"structure must be one of the labels {sorted(STRUCTURES)}, got {structure}")
-    return int(structure)
 
 
 def _check_spacing(spacing, ndim: int) -> tuple[float, ...] | None:
@@ -221,7 +208,7 @@ def dice_per_slice(pred, target, structure) -> np.ndarray:
     """Dice of one structure (label or name) for each of the N slices of (N, H, W) label maps;
     NaN for a slice where the structure is absent from both."""
     pred, target = _check_pair(pred, target, ndims=(3,))
-    return _dice_columns(pred, target, [_structure_label(structure)])[:, 0]
+    return _dice_columns(pred, target, [structure_label(structure)])[:, 0]
 
 
 def mean_foreground_dice_per_slice(pred, target) -> np.ndarray:
@@ -325,7 +312,7 @@ def structure_volume(mask_or_labelmap, structure=None, spacing=None) -> float:
     else:
         if volume.dtype == bool or not np.issubdtype(volume.dtype, np.integer):
             raise TypeError(f"with a structure, mask_or_labelmap must be an integer label map, got dtype {volume.dtype}")
-        voxels = int(np.count_nonzero(volume == _structure_label(structure)))
+        voxels = int(np.count_nonzero(volume == structure_label(structure)))
     spacing = _check_spacing(spacing, volume.ndim)
     if spacing is None:
         return float(voxels)

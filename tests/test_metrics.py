@@ -81,6 +81,9 @@ def test_every_module_reads_the_one_structure_map():
     assert metrics.STRUCTURES is structures.STRUCTURES and ACDC_LABELS is structures.STRUCTURES
     assert viewer.STRUCTURE_CATEGORY == {"RV": 1, "MYO": 2, "LV": 3}
     assert (plausibility.RV, plausibility.MYO, plausibility.LV) == (1, 2, 3)
+    assert structures.structure_label("LV") == structures.structure_label(np.int64(3)) == 3  # name or label
+    with pytest.raises(ValueError, match=r"structure must be one of \['LV', 'MYO', 'RV'\], got 'rv'"):
+        structures.structure_label("rv")
 
 
 # --------------------------------------------------------------------------------------------------
