@@ -13,6 +13,7 @@ one small module (or subpackage) per concern:
 - ``convert``        writes a labelled ACDC source in the other NIfTI layouts (``nifti-pairs``, ``mnms``)
 - ``phantom``        the built-in synthetic cardiac MRI dataset (official ACDC layout)
 - ``prepare``        stage 01: patient-level splits and the 2D slice sets
+- ``structures``     the heart structures (1 RV, 2 MYO, 3 LV): the one label map every module reads
 - ``geometry``       the one rule between a slice's original grid and the model's square grid
 - ``augment``        joint image + label augmentation of whole batches
 - ``encoders``       the ResNet18 backbone and its files

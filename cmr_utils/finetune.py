@@ -18,21 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import augment_batch
-from .distributed import OneThreadWhenForked, ShardedBatches, sum_over_processes
+from .distributed import ShardedBatches, sum_over_processes
 from .encoders import IN_CHANNELS
 from .files import atomic_write
-from .models import N_CLASSES, build_segmentation_model, set_encoder_frozen
+from .metrics import overlap_scores
+from .models import build_segmentation_model, set_encoder_frozen
 from .plans import PLANS_FILE, Preprocessing, run_plans, write_plans
+from .structures import N_CLASSES, STRUCTURES
 from .budgets import patient_count
-from .training import FORK_STRATEGIES, EpochLine, fused_optimizer, quiet_lightning, trainer_options
-
-STRUCTURES = ("RV", "MYO", "LV")
+from .training import EpochLine, build_trainer, fused_optimizer, history_from_csv, quiet_lightning, trainer_options
 
 
 def sample_budgets(n_train: int, budgets: list, seed: int, patients=None) -> dict[str, np.ndarray]:
@@ -269,12 +268,14 @@ class SegmentationModule(_lightning().LightningModule):
         loss_sum, n = stats["loss"]
         self.log(f"{stage}_loss", (loss_sum / n).float(), **log)
         tp, fp, fn = stats["counts"][:, 1:]
-        pooled = tp.sum() + fp.sum() + fn.sum()  # the study's IoU: pooled over slices and the 3 foreground classes
-        iou = tp.sum() / pooled if pooled > 0 else tp.new_tensor(float("nan"))
+        # the study's IoU (pooled over slices and the 3 foreground classes) as stage 04 computes it
+        iou, _ = overlap_scores(tp.sum(), fp.sum(), fn.sum(), empty=float("nan"))
         self.log(f"{stage}_iou", iou.float(), **log)
         if stage == "val":
-            dice = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-            for name, value in zip(STRUCTURES, dice):
+            # a structure absent from every validation slice and never predicted scores 1, as in stage 04's
+            # structure_scores (ACDC's convention), not 0
+            _, dice = overlap_scores(tp, fp, fn, empty=1.0)
+            for name, value in zip(STRUCTURES.values(), dice):
                 self.log(f"val_dice_{name}", value.float(), **log)
             self.log("val_dice", dice.mean().float(), **log)
 
@@ -301,12 +302,6 @@ class SegmentationModule(_lightning().LightningModule):
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def history_from_csv(metrics_csv: Path) -> pd.DataFrame:
-    """Lightning's CSVLogger rows -> one row per epoch."""
-    raw = pd.read_csv(metrics_csv)
-    return raw.drop(columns=[c for c in ("step",) if c in raw]).groupby("epoch").mean().reset_index()
-
-
 def train_segmentation(images_train, labels_train, images_val, labels_val, run_dir: str | Path, *,
                        init: str, indices: np.ndarray, seed: int, epochs: int, batch_size: int, lr: float,
                        freeze_encoder: bool, trainer: dict, recipe: dict | None = None, encoder_path=None,
@@ -324,7 +319,6 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     """
     pl = _lightning()
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
     if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 1 or epochs % val_every:
         raise ValueError(f"val_every: expected a positive integer dividing epochs ({epochs}), got {val_every!r}")
@@ -341,19 +335,13 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
                                 None if decoder_path is None else str(decoder_path))
     train = slice_loader(SliceBatches(images_train, labels_train, indices), batch_size, shuffle=True, seed=seed)
     val = slice_loader(SliceBatches(images_val, labels_val), max(batch_size, 32), shuffle=False)
-    for stale in ("log", "checkpoints"):  # a re-run replaces, never appends to, the previous history
-        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a re-run replaces the previous one (and its log)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_dice",
                                  mode="max", save_weights_only=True, enable_version_counter=False)
     progress = EpochLine(name or run_dir.name, n_images=len(train.dataset))
-    callbacks = [checkpoint, progress, DataOnDevice(train.dataset, val.dataset)]
-    if options.get("strategy") in FORK_STRATEGIES:
-        callbacks.append(OneThreadWhenForked())
-    fit = pl.Trainer(max_epochs=epochs, callbacks=callbacks,
-                     logger=CSVLogger(run_dir, name="", version="log"), enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0,
-                     log_every_n_steps=50, use_distributed_sampler=False, check_val_every_n_epoch=val_every,
-                     **options)
+    fit = build_trainer(options, run_dir=run_dir, max_epochs=epochs,
+                        callbacks=[checkpoint, progress, DataOnDevice(train.dataset, val.dataset)],
+                        log_every_n_steps=50, use_distributed_sampler=False, check_val_every_n_epoch=val_every)
     for loader in (train, val):  # before any process starts: a batch size the processes cannot share is an error
         loader.sampler.check(fit.world_size)
     with quiet_lightning():
@@ -363,7 +351,7 @@ def train_segmentation(images_train, labels_train, images_val, labels_val, run_d
     best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in best.items() if k.startswith("model.")}
     atomic_write(run_dir / "model.pt", lambda temp: torch.save(state, temp))
-    history = history_from_csv(run_dir / "log" / "metrics.csv")
+    history = history_from_csv(Path(fit.logger.log_dir) / "metrics.csv")
     atomic_write(run_dir / "history.csv", lambda temp: history.to_csv(temp, index=False))
     best_row = history.loc[history["val_dice"].idxmax()]
     losses = history["train_loss"].to_numpy()

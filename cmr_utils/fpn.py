@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from .encoders import IN_CHANNELS
-
-N_CLASSES = 4  # background, RV, MYO, LV
+from .structures import N_CLASSES  # noqa: F401  (background, RV, MYO, LV)
 
 
 class SumMerge(nn.Module):

@@ -32,8 +32,8 @@ from .readers import CardiacVolume, DataError
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """3D Dice of two masks; 1 where both are empty (as ``metrics.structure_scores``)."""
-    n = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
-    return 1.0 if n == 0 else 2.0 * int(np.count_nonzero(pred & truth)) / n
+    tp = np.count_nonzero(pred & truth)
+    return float(metrics.overlap_scores(tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp, empty=1.0)[1])
 
 
 def heart_box(label: np.ndarray) -> tuple[int, int, int, int]:

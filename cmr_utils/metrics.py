@@ -1,15 +1,18 @@
 """Evaluation metrics: the study's IoU (as segmentation-models-pytorch computes it), and ACDC's standard
 metrics per structure (Dice, IoU, HD95), volumes and ejection fraction with its agreement statistics.
 
-Label convention: 0 background, 1 RV, 2 MYO, 3 LV (``STRUCTURES``). Label maps are integer arrays,
-numpy or torch; results are numpy arrays or Python floats.
+Label convention: 0 background, 1 RV, 2 MYO, 3 LV (``STRUCTURES``, defined in ``cmr_utils.structures``). Label
+maps are integer arrays, numpy or torch; results are numpy arrays or Python floats.
 
 Definitions (quoted by the report):
 
+- **IoU and Dice from counts** (``overlap_scores``): ``TP / (TP + FP + FN)`` and ``2 TP / (2 TP + FP + FN)``, in
+  float64; every IoU and Dice below, and fine-tuning's validation scores, are computed by it. Where nothing is
+  to be found and nothing is found (``TP + FP + FN = 0``) each caller states its value.
 - **Study IoU** (``study_iou``): the confusion counts of every slice and every foreground class
   (RV, MYO, LV; background excluded) are pooled, then ``IoU = TP / (TP + FP + FN)``. This is
-  ``smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro")`` on the foreground columns. When the
-  pooled union is empty (no foreground in ground truth nor prediction anywhere) it is NaN.
+  ``smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro")`` on the foreground columns (up to smp's float32
+  rounding). When the pooled union is empty (no foreground in ground truth nor prediction anywhere) it is NaN.
 - **Per-slice study IoU** (``study_iou_per_slice``): the same pooling, within one slice (smp's
   "micro-imagewise" before its mean over slices). A slice with an empty union is NaN here, so that
   per-slice summaries exclude it; smp's default (``zero_division=1.0``) would count it as a perfect 1.
@@ -31,14 +34,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .models import N_CLASSES
+from .structures import N_CLASSES, STRUCTURES, structure_label
 
 # segmentation_models_pytorch is imported inside the functions that use it: it takes seconds to import,
 # and the volume metrics (Dice, HD95, EF) do not need it.
-
-STRUCTURES = {1: "RV", 2: "MYO", 3: "LV"}
-_STRUCTURE_BY_NAME = {name: label for label, name in STRUCTURES.items()}
-
 
 # ----------------------------------------------------------------------------------------------------
 # input checks
@@ -66,19 +65,6 @@ def _check_pair(pred, target, ndims: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {pred.shape} and {target.shape}")
     return pred, target
-
-
-def _structure_label(structure) -> int:
-    """Label of a structure given as its label (1, 2, 3) or its name ("RV", "MYO", "LV")."""
-    if isinstance(structure, str):
-        if structure not in _STRUCTURE_BY_NAME:
-            raise ValueError(f"structure must be one of {sorted(_STRUCTURE_BY_NAME)}, got {structure!r}")
-        return _STRUCTURE_BY_NAME[structure]
-    if isinstance(structure, (bool, np.bool_)) or not isinstance(structure, Integral):
-        raise TypeError(f"structure must be a label {sorted(STRUCTURES)} or a name, got {structure!r}")
-    if int(structure) not in STRUCTURES:
-        raise ValueError(f"structure must be one of the labels {sorted(STRUCTURES)}, got {structure}")
-    return int(structure)
 
 
 def _check_spacing(spacing, ndim: int) -> tuple[float, ...] | None:
@@ -114,6 +100,40 @@ def _check_stats(tp, fp, fn, tn) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# IoU and Dice from confusion counts
+
+
+def overlap_scores(tp, fp, fn, *, empty: float):
+    """IoU ``TP / (TP + FP + FN)`` and Dice ``2 TP / (2 TP + FP + FN)`` from confusion counts, elementwise.
+
+    ``tp``, ``fp``, ``fn``: numbers or numpy arrays (results: float64 numpy arrays of their shape), or torch
+    tensors (results: float64 tensors on their device, for training). ``empty`` is both scores where
+    ``TP + FP + FN = 0`` (the structure neither present nor predicted): the caller's convention, 1.0 (ACDC's
+    per-structure scores, fine-tuning's validation Dice) or NaN (left out of per-slice summaries).
+    """
+    if isinstance(empty, bool) or not isinstance(empty, Real):
+        raise TypeError(f"empty must be a number (or NaN), got {empty!r}")
+    if isinstance(tp, torch.Tensor):
+        tp, fp, fn = (torch.as_tensor(c, device=tp.device).double() for c in (tp, fp, fn))
+        shapes, negative = {c.shape for c in (tp, fp, fn)}, any(bool((c < 0).any()) for c in (tp, fp, fn))
+        where, full = torch.where, torch.full_like
+    else:
+        tp, fp, fn = (np.asarray(c, dtype=np.float64) for c in (tp, fp, fn))
+        shapes, negative = {c.shape for c in (tp, fp, fn)}, any((c < 0).any() for c in (tp, fp, fn))
+        where, full = np.where, np.full_like
+    if len(shapes) != 1:
+        raise ValueError(f"tp, fp and fn must have the same shape, got {[tuple(s) for s in shapes]}")
+    if negative:
+        raise ValueError("tp, fp and fn must be non-negative counts")
+    union = tp + fp + fn
+    found = union > 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # the 0 / 0 of an empty union is replaced by ``empty``
+        iou = where(found, tp / union, full(union, empty))
+        dice = where(found, 2 * tp / (union + tp), full(union, empty))
+    return iou, dice
+
+
+# ----------------------------------------------------------------------------------------------------
 # the study's statistic (smp)
 
 
@@ -145,14 +165,12 @@ def study_iou(tp, fp, fn, tn) -> float:
     """The study's IoU of a split: ``sum TP / (sum TP + sum FP + sum FN)``, the sums running over all
     slices and the foreground classes (columns 1.., i.e. RV, MYO, LV; column 0 is background).
 
-    Equals ``smp.metrics.iou_score(tp[:, 1:], fp[:, 1:], fn[:, 1:], tn[:, 1:], reduction="micro")``,
-    which is how it is computed. NaN when the pooled union is empty (smp's "micro" reduction applies no
+    Equals ``smp.metrics.iou_score(tp[:, 1:], fp[:, 1:], fn[:, 1:], tn[:, 1:], reduction="micro")`` (which
+    divides in float32; this in float64). NaN when the pooled union is empty (smp's "micro" reduction applies no
     zero_division rule).
     """
-    import segmentation_models_pytorch as smp
-
-    tp, fp, fn, tn = (torch.from_numpy(a[:, 1:]) for a in _check_stats(tp, fp, fn, tn))
-    return float(smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro"))
+    tp, fp, fn, _ = (a[:, 1:].sum() for a in _check_stats(tp, fp, fn, tn))
+    return float(overlap_scores(tp, fp, fn, empty=math.nan)[0])
 
 
 def study_iou_per_slice(tp, fp, fn, tn, zero_division: float = math.nan) -> np.ndarray:
@@ -162,17 +180,12 @@ def study_iou_per_slice(tp, fp, fn, tn, zero_division: float = math.nan) -> np.n
     A slice with an empty union (no foreground in ground truth nor prediction) gets ``zero_division``:
     NaN by default, so that per-slice summaries exclude it. smp's default is 1.0: with
     ``zero_division=1.0`` the mean of this array equals
-    ``smp.metrics.iou_score(..., reduction="micro-imagewise")``.
+    ``smp.metrics.iou_score(..., reduction="micro-imagewise")`` (up to its float32 rounding).
     """
-    import segmentation_models_pytorch as smp
-
     if isinstance(zero_division, bool) or not isinstance(zero_division, Real):
         raise TypeError(f"zero_division must be a number (or NaN), got {zero_division!r}")
-    tp, fp, fn, tn = (
-        torch.from_numpy(a[:, 1:].sum(axis=1, keepdims=True)) for a in _check_stats(tp, fp, fn, tn)
-    )
-    scores = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=float(zero_division))
-    return scores[:, 0].numpy().astype(np.float64)
+    tp, fp, fn, _ = (a[:, 1:].sum(axis=1) for a in _check_stats(tp, fp, fn, tn))
+    return overlap_scores(tp, fp, fn, empty=float(zero_division))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,10 +198,9 @@ def _dice_columns(pred: np.ndarray, target: np.ndarray, labels) -> np.ndarray:
     columns = []
     for label in labels:
         in_pred, in_target = pred == label, target == label
-        overlap = np.count_nonzero(in_pred & in_target, axis=axes)
-        total = np.count_nonzero(in_pred, axis=axes) + np.count_nonzero(in_target, axis=axes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            columns.append(np.where(total > 0, 2.0 * overlap / total, np.nan))
+        tp = np.count_nonzero(in_pred & in_target, axis=axes)
+        fp, fn = np.count_nonzero(in_pred, axis=axes) - tp, np.count_nonzero(in_target, axis=axes) - tp
+        columns.append(overlap_scores(tp, fp, fn, empty=math.nan)[1])
     return np.stack(columns, axis=1)
 
 
@@ -196,7 +208,7 @@ def dice_per_slice(pred, target, structure) -> np.ndarray:
     """Dice of one structure (label or name) for each of the N slices of (N, H, W) label maps;
     NaN for a slice where the structure is absent from both."""
     pred, target = _check_pair(pred, target, ndims=(3,))
-    return _dice_columns(pred, target, [_structure_label(structure)])[:, 0]
+    return _dice_columns(pred, target, [structure_label(structure)])[:, 0]
 
 
 def mean_foreground_dice_per_slice(pred, target) -> np.ndarray:
@@ -274,14 +286,9 @@ def structure_scores(pred, target, spacing=None) -> dict[str, dict]:
     scores = {}
     for label, name in STRUCTURES.items():
         in_pred, in_target = pred == label, target == label
-        overlap = int(np.count_nonzero(in_pred & in_target))
-        n_pred, n_target = int(np.count_nonzero(in_pred)), int(np.count_nonzero(in_target))
-        if n_pred == 0 and n_target == 0:
-            dice = iou = 1.0
-        else:
-            dice = 2.0 * overlap / (n_pred + n_target)
-            iou = overlap / (n_pred + n_target - overlap)
-        scores[name] = {"dice": dice, "iou": iou, "hd95": hd95(in_pred, in_target, spacing),
+        tp = np.count_nonzero(in_pred & in_target)
+        iou, dice = overlap_scores(tp, np.count_nonzero(in_pred) - tp, np.count_nonzero(in_target) - tp, empty=1.0)
+        scores[name] = {"dice": float(dice), "iou": float(iou), "hd95": hd95(in_pred, in_target, spacing),
                         "hd95_unit": unit}
     return scores
 
@@ -305,7 +312,7 @@ def structure_volume(mask_or_labelmap, structure=None, spacing=None) -> float:
     else:
         if volume.dtype == bool or not np.issubdtype(volume.dtype, np.integer):
             raise TypeError(f"with a structure, mask_or_labelmap must be an integer label map, got dtype {volume.dtype}")
-        voxels = int(np.count_nonzero(volume == _structure_label(structure)))
+        voxels = int(np.count_nonzero(volume == structure_label(structure)))
     spacing = _check_spacing(spacing, volume.ndim)
     if spacing is None:
         return float(voxels)

@@ -19,22 +19,20 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights that are neither cached nor downloadable."""
 
 
-BUILT_IN_INITS = ("random", "imagenet")
-
-
 def known_inits() -> tuple[str, ...]:
-    """random, imagenet and every registered pretraining method."""
-    from .ssl import METHODS
+    """Every initialisation: random, imagenet (``BUILT_IN_INITS``) and each method of the pretraining registry
+    (``METHODS``), both defined in ``cmr_utils.ssl.registry``."""
+    from .ssl.registry import BUILT_IN_INITS, METHODS  # imported here: the methods bring Lightning with them
 
     return BUILT_IN_INITS + tuple(METHODS)
 
 
 def pretrained_parts(init: str) -> tuple[str, ...]:
     """The parts of the FPN that ``init`` loads from stage 02 (``()`` for random and imagenet)."""
+    from .ssl.registry import BUILT_IN_INITS, get_method
+
     if init in BUILT_IN_INITS:
         return ()
-    from .ssl import get_method
-
     return get_method(init).transfers
 
 

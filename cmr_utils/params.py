@@ -180,13 +180,6 @@ def pretrain_settings(params: dict, method: str) -> tuple[dict, dict]:
     return training, merged
 
 
-def known_inits() -> tuple[str, ...]:
-    """random, imagenet and every registered pretraining method (``cmr_utils.ssl.METHODS``)."""
-    from .models import known_inits as inits
-
-    return inits()
-
-
 def validate(params: dict, source: str = "parameters") -> dict:
     """Check ``params`` against the schema and the cross-field rules; return it unchanged."""
     blocks = _method_blocks(params, source)
@@ -235,6 +228,9 @@ def validate(params: dict, source: str = "parameters") -> dict:
         if every < 1 or ft[epochs] % every:
             raise ParameterError(f"{source}: finetune.{key}: expected a positive number that divides finetune.{epochs} "
                                  f"({ft[epochs]}), so that the last epoch is validated; got {every!r}")
+    from .models import known_inits
+    from .ssl import METHODS
+
     inits = known_inits()
     for init in params["finetune"]["inits"]:
         if init not in inits:
@@ -246,7 +242,7 @@ def validate(params: dict, source: str = "parameters") -> dict:
                                                                       not isinstance(budget, bool) and budget > 0):
             raise ParameterError(f"{source}: finetune.budgets: expected 'all', a positive number of slices or p<k> "
                                  f"(every slice of k training patients, e.g. p3), got {budget!r}")
-    methods = [i for i in inits if i not in ("random", "imagenet")]
+    methods = list(METHODS)
     for method in params["pretrain"]["methods"]:
         if method not in methods:
             raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected some of {methods}")

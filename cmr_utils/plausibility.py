@@ -25,6 +25,8 @@ import math
 
 import numpy as np
 
+from .structures import STRUCTURE_LABELS
+
 # heart (RV+MYO+LV) of a whole stack, mL: ACDC's smallest is 123.7 mL (patient094, ES); a quarter, rounded down
 MIN_HEART_ML = 30.0
 # left ventricle (LV cavity + myocardium) of a whole stack, mL: ACDC's smallest is 66.3 mL (patient094, ES)
@@ -36,7 +38,7 @@ MIN_LEFT_HEART_ML_PER_CM = 3.0
 # heart's share of the volume's pixels, used without spacing: ACDC's smallest is 1.35% (patient037, ES)
 MIN_HEART_SHARE = 0.003
 
-RV, MYO, LV = 1, 2, 3  # ACDC's labels (cmr_utils.metrics.STRUCTURES)
+RV, MYO, LV = (STRUCTURE_LABELS[name] for name in ("RV", "MYO", "LV"))
 
 
 def _num(value: float) -> str:

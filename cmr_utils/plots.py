@@ -11,6 +11,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from .plan import TRAINED  # noqa: E402
 from .prepare import normalise_volume  # noqa: E402
+from .structures import STRUCTURES  # noqa: E402
 
 LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.10, 0.75, 0.20), 3: (0.15, 0.35, 0.95)}
 BUILT_IN_COLOURS = {"random": "tab:gray", "imagenet": "tab:orange"}
@@ -50,7 +51,7 @@ def sample_slices(prepared, sources, per_source: int = 4):
         image = normalise_volume(vol.image)
         picks = np.linspace(0.2, 0.8, per_source) * (len(image) - 1)
         label = vol.label
-        if label is not None and source.labels != {1: "RV", 2: "MYO", 3: "LV"}:
+        if label is not None and source.labels != STRUCTURES:
             label = np.where(label > 0, 4, 0)  # other structures (left atrium) drawn in yellow
         for ax, k in zip(row, picks.round().astype(int)):
             show_slice(ax, image[k], None if label is None else label[k],

@@ -38,6 +38,7 @@ import pandas as pd
 from .files import AtomicDir
 from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm
 from .readers import CardiacVolume, DataError, Source
+from .structures import N_CLASSES, STRUCTURES
 
 SPLITS = ("train", "val", "test")
 # the training window holds the widest training heart (measured from the slice's centre) with 10 % to spare
@@ -177,7 +178,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
     if target_spacing != "auto" and (isinstance(target_spacing, bool) or not isinstance(target_spacing, (int, float))
                                      or not 0 < target_spacing < math.inf):
         raise ValueError(f"data.target_spacing: expected 'auto' or a positive number of mm, got {target_spacing!r}")
-    if labelled.labels != {1: "RV", 2: "MYO", 3: "LV"}:
+    if labelled.labels != STRUCTURES:
         raise DataError(f"{labelled.folder}: the first (labelled) source must have ACDC's labels "
                         f"(1 RV, 2 MYO, 3 LV); layout {labelled.layout} has {labelled.labels}")
     staging = AtomicDir(out_dir)
@@ -320,10 +321,10 @@ def summary_table(prepared: Prepared) -> pd.DataFrame:
     rows = []
     for name in SPLITS:
         labels = prepared.labels(name)
-        counts = np.bincount(np.asarray(labels).ravel(), minlength=4)[:4] / labels.size
+        counts = np.bincount(np.asarray(labels).ravel(), minlength=N_CLASSES)[:N_CLASSES] / labels.size
         slices = prepared.slices(name)
         rows.append({"split": name, "patients": slices["patient"].nunique(), "slices": len(slices),
-                     "background": counts[0], "RV": counts[1], "MYO": counts[2], "LV": counts[3]})
+                     "background": counts[0], **{structure: counts[k] for k, structure in STRUCTURES.items()}})
     pool = prepared.pool_slices()
     rows.append({"split": "pretraining pool", "patients": (pool["folder"] + pool["patient"]).nunique(),
                  "slices": len(pool)})

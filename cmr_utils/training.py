@@ -4,12 +4,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import Callback
+
+from .distributed import OneThreadWhenForked
 
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
 TRAINER_OPTIONS = ("accelerator", "devices", "num_nodes", "precision", "strategy")
@@ -146,14 +150,77 @@ def trainer_options(trainer: dict) -> dict:
     accelerator = options.get("accelerator", "auto")
     options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator,
                                              fork_safe=options.get("strategy") in FORK_STRATEGIES)
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    options["sync_batchnorm"] = bool(on_gpu and (launcher is not None or processes > 1))
+    options["sync_batchnorm"] = bool(_on_gpu(accelerator) and (launcher is not None or processes > 1))
     deterministic = trainer.get("deterministic", True)
     if not isinstance(deterministic, bool):
         raise ValueError(f"trainer.deterministic: expected true or false, got {deterministic!r}")
-    # CUDA has operations without a deterministic kernel (e.g. adaptive pooling backward): a warning there
-    options["deterministic"] = ("warn" if on_gpu else True) if deterministic else False
+    options["deterministic"] = deterministic_setting(deterministic, accelerator)
     return options
+
+
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def deterministic_setting(enabled: bool, accelerator: str = "auto"):
+    """Lightning's ``deterministic`` for a profile's ``trainer.deterministic``: ``True`` (strict) where the training
+    runs on the CPU, ``"warn"`` on a GPU (CUDA has operations without a deterministic kernel, e.g. adaptive pooling
+    backward: a warning there, not an error), ``False`` when disabled."""
+    return ("warn" if _on_gpu(accelerator) else True) if enabled else False
+
+
+LOG_FOLDER = "log"  # a run's Lightning log: <run folder>/log/metrics.csv (and pretraining's checkpoints/)
+
+
+def build_trainer(options: dict, *, run_dir, max_epochs: int, callbacks: list, **settings):
+    """The one Lightning Trainer of both training stages (02 pretraining, 03 fine-tuning).
+
+    ``options``: Lightning options (``trainer_options`` of a profile's ``trainer`` section, or a caller's own); they
+    win over the stage's ``settings`` (e.g. ``check_val_every_n_epoch``), which win over what both stages share: no
+    progress bar (``EpochLine`` reports), no model summary, no sanity validation, and, unless ``options`` say,
+    deterministic algorithms as ``trainer.deterministic: true`` sets them (``deterministic_setting``). Metrics go to
+    ``<run_dir>/log/metrics.csv`` (``history_from_csv`` reads it), the folder emptied first: a re-run replaces its
+    history. Processes forked from this one (``ddp_notebook``) each compute on one thread (``OneThreadWhenForked``).
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    run_dir = Path(run_dir)
+    options = dict(options)
+    options.setdefault("deterministic", deterministic_setting(True, options.get("accelerator", "auto")))
+    shutil.rmtree(run_dir / LOG_FOLDER, ignore_errors=True)
+    forked = [OneThreadWhenForked()] if options.get("strategy") in FORK_STRATEGIES else []
+    shared = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    return pl.Trainer(max_epochs=max_epochs, callbacks=[*callbacks, *forked], default_root_dir=str(run_dir),
+                      logger=CSVLogger(run_dir, name="", version=LOG_FOLDER), **{**shared, **settings, **options})
+
+
+def history_from_csv(metrics_csv):
+    """One row per epoch (``epoch`` first, as int) from a Lightning CSVLogger ``metrics.csv``, ``step`` dropped.
+
+    Lightning writes one row per logging call site and step: an epoch's training and validation scores sit on
+    separate rows (an epoch that is not validated has its training row only). Each column takes the one value
+    logged in its epoch, empty where none was. Two values of one column in one epoch (a metric logged per step)
+    are an error: no single number of the epoch stands for them (a mean of steps is not the epoch's score).
+    """
+    import pandas as pd
+
+    path = Path(metrics_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training wrote no metrics (Lightning's CSVLogger file is missing)")
+    raw = pd.read_csv(path)
+    if "epoch" not in raw or raw["epoch"].isna().any():
+        raise ValueError(f"{path}: expected an 'epoch' on every row (Lightning's CSVLogger metrics)")
+    raw = raw.drop(columns=["step"], errors="ignore")
+    values = raw.groupby("epoch").count()  # non-empty entries per epoch and column
+    repeated = [(epoch, column) for column in values for epoch in values.index[values[column] > 1]]
+    if repeated:
+        epoch, column = repeated[0]
+        raise ValueError(f"{path}: {column} has {values.loc[epoch, column]} values in epoch {int(epoch)}; expected one "
+                         f"per epoch (metrics logged at the epoch's end, not per step)")
+    history = raw.groupby("epoch", as_index=False).first()  # first: the one non-empty value per column
+    history["epoch"] = history["epoch"].astype(int)
+    return history
 
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's Adam, AdamW and SGD have a fused (one kernel for all tensors) step

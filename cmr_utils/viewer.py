@@ -20,25 +20,14 @@ from torch import nn
 from cmr_utils.explain.cam import DEFAULT_LAYER, seg_grad_cam
 from cmr_utils.explain.figures import label_colormap, overlay
 from cmr_utils.inference import predict
-from cmr_utils.metrics import STRUCTURES
+from cmr_utils.structures import STRUCTURE_LABELS, STRUCTURES, structure_label
 
-STRUCTURE_CATEGORY: dict[str, int] = {name: category for category, name in STRUCTURES.items()}
+STRUCTURE_CATEGORY = STRUCTURE_LABELS  # name -> label value
 META_COLUMNS = ("patient", "phase", "slice")
 PANEL_TITLES = ("image", "ground truth", "prediction", "CAM")
 
 # cam_fn(init, layer, index, category) -> (H, W) CAM in [0, 1]
 CamFunction = Callable[[str, str, int, int], np.ndarray]
-
-
-def _category(structure) -> int:
-    """'RV'/'MYO'/'LV' or 1/2/3 -> the label value."""
-    if isinstance(structure, str):
-        if structure not in STRUCTURE_CATEGORY:
-            raise ValueError(f"structure must be one of {list(STRUCTURE_CATEGORY)}, got {structure!r}")
-        return STRUCTURE_CATEGORY[structure]
-    if isinstance(structure, (int, np.integer)) and int(structure) in STRUCTURES:
-        return int(structure)
-    raise ValueError(f"structure must be one of {list(STRUCTURE_CATEGORY)} or {list(STRUCTURES)}, got {structure!r}")
 
 
 class SliceProvider:
@@ -142,7 +131,7 @@ class SliceProvider:
     def cam(self, init: str, layer: str, index: int, structure) -> np.ndarray:
         """CAM (H, W) of ``structure`` on slice ``index`` by ``init`` at ``layer`` (cached)."""
         self._check(init, index)
-        category = _category(structure)
+        category = structure_label(structure)
         key = (init, layer, index, category)
         if key not in self.cam_cache:
             if self._cam_fn is not None:
@@ -208,7 +197,7 @@ def static_montage(
             raise ValueError(f"each selection must be (index, structure, init), got {selection!r}")
         index, structure, init = selection
         arrays = provider.view(int(index), structure, init, layer)
-        name = STRUCTURES[_category(structure)]
+        name = STRUCTURES[structure_label(structure)]
         _draw_view(axes[row], arrays, f"{provider.describe(int(index))} | {name} | {init}")
     figure.tight_layout()
     return figure

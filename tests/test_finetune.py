@@ -309,3 +309,42 @@ def test_optimisers_take_the_fused_step_where_torch_has_one():
             opt.step()
         steps.append(p.detach())
     assert torch.allclose(steps[0], steps[1], atol=1e-6) and not torch.equal(steps[0], weights)
+
+
+def test_validation_scores_are_stage_04s_scores_of_the_same_slices():
+    """The epoch's validation IoU and Dice per structure, from the counts the module sums, equal ``metrics``'
+    study IoU and ``structure_scores`` of the stacked slices, an absent structure (RV here) included: Dice 1."""
+    import types
+
+    from cmr_utils import metrics
+    from cmr_utils.finetune import SegmentationModule
+
+    target = np.zeros((2, 6, 6), dtype=np.int64)
+    pred = target.copy()
+    target[0, 1:4, 1:4], pred[0, 1:4, 2:5] = 3, 3  # LV: tp 6, fp 3, fn 3
+    target[1, 0, :4], pred[1, 0, :2] = 2, 2  # MYO: tp 2, fn 2
+    logits = torch.nn.functional.one_hot(torch.from_numpy(pred), 4).permute(0, 3, 1, 2).float()
+
+    class Module:  # what _step and _log_scores use of a SegmentationModule, its "model" predicting ``pred``
+        trainer, device, _stats, logged = types.SimpleNamespace(world_size=1), "cpu", {}, {}
+
+        def __call__(self, image):
+            return logits
+
+        def loss(self, logits, label):
+            return logits.sum() * 0
+
+        def log(self, name, value, **_):
+            self.logged[name] = float(value)
+
+    module = Module()
+    SegmentationModule._step(module, (torch.zeros(2, 1, 6, 6), torch.from_numpy(target)), "val")
+    SegmentationModule._log_scores(module, "val")
+    logged = module.logged
+    scores = metrics.structure_scores(pred, target)
+    evaluated = metrics.study_iou(*metrics.slice_stats(pred, target))
+    assert logged["val_iou"] == pytest.approx(evaluated) and evaluated == pytest.approx(8 / 16)
+    dice = {name: s["dice"] for name, s in scores.items()}
+    assert {name: logged[f"val_dice_{name}"] for name in scores} == pytest.approx(dice)
+    assert dice == pytest.approx({"RV": 1.0, "MYO": 2 / 3, "LV": 2 / 3})
+    assert logged["val_dice"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)

@@ -32,6 +32,61 @@ def three_slices():
 
 
 # --------------------------------------------------------------------------------------------------
+# IoU and Dice from counts (the one place both are computed)
+
+
+def test_overlap_scores_hand_values_and_the_empty_convention():
+    # tp 3 fp 1 fn 1 -> IoU 3/5, Dice 6/8; tp 0 fp 2 fn 0 -> 0, 0; nothing anywhere -> the caller's value
+    tp, fp, fn = np.array([3, 0, 0]), np.array([1, 2, 0]), np.array([1, 0, 0])
+    for empty in (1.0, math.nan):
+        iou, dice = metrics.overlap_scores(tp, fp, fn, empty=empty)
+        assert iou.dtype == dice.dtype == np.float64
+        np.testing.assert_array_equal(iou, [0.6, 0.0, empty])
+        np.testing.assert_array_equal(dice, [0.75, 0.0, empty])
+    iou, dice = metrics.overlap_scores(6, 2, 3, empty=math.nan)  # plain numbers: 0-d arrays
+    assert float(iou) == 6 / 11 and float(dice) == 12 / 17
+
+
+def test_overlap_scores_on_torch_counts_stay_torch_and_agree_with_numpy():
+    counts = np.array([[3, 0, 0], [1, 2, 0], [1, 0, 0]])
+    as_numpy = metrics.overlap_scores(*counts, empty=1.0)
+    as_torch = metrics.overlap_scores(*torch.from_numpy(counts).float(), empty=1.0)
+    for a, b in zip(as_numpy, as_torch):
+        assert isinstance(b, torch.Tensor) and b.dtype == torch.float64
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_overlap_scores_equal_smps_iou_and_f1_up_to_float32():
+    rng = np.random.default_rng(0)
+    tp, fp, fn, tn = (torch.from_numpy(rng.integers(0, 10_000, (50, 3))) for _ in range(4))
+    iou, dice = metrics.overlap_scores(tp, fp, fn, empty=math.nan)
+    np.testing.assert_allclose(iou, smp.metrics.iou_score(tp, fp, fn, tn), rtol=1e-6)
+    np.testing.assert_allclose(dice, smp.metrics.f1_score(tp, fp, fn, tn), rtol=1e-6)
+
+
+def test_overlap_scores_bad_counts():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.overlap_scores([1, 2], [1], [0, 0], empty=1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.overlap_scores([1], [-1], [0], empty=1.0)
+    with pytest.raises(TypeError, match="empty must be a number"):
+        metrics.overlap_scores([1], [0], [0], empty=None)
+
+
+def test_every_module_reads_the_one_structure_map():
+    from cmr_utils import fpn, plausibility, structures, viewer
+    from cmr_utils.readers import ACDC_LABELS
+
+    assert structures.STRUCTURES == {1: "RV", 2: "MYO", 3: "LV"} and structures.N_CLASSES == fpn.N_CLASSES == 4
+    assert metrics.STRUCTURES is structures.STRUCTURES and ACDC_LABELS is structures.STRUCTURES
+    assert viewer.STRUCTURE_CATEGORY == {"RV": 1, "MYO": 2, "LV": 3}
+    assert (plausibility.RV, plausibility.MYO, plausibility.LV) == (1, 2, 3)
+    assert structures.structure_label("LV") == structures.structure_label(np.int64(3)) == 3  # name or label
+    with pytest.raises(ValueError, match=r"structure must be one of \['LV', 'MYO', 'RV'\], got 'rv'"):
+        structures.structure_label("rv")
+
+
+# --------------------------------------------------------------------------------------------------
 # slice_stats and the study's IoU
 
 

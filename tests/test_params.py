@@ -84,6 +84,7 @@ def mutate(path, value):
     (("finetune", "inits"), ["random", "moco"], "unknown initialisation 'moco'"),
     (("finetune", "budgets"), ["all", -5], "finetune.budgets"),
     (("pretrain", "methods"), ["byol"], "unknown method 'byol'"),
+    (("pretrain", "methods"), ["random"], r"unknown method 'random'; expected some of \['simsiam', 'swav'"),
     (("data", "split"), {"train": 0.5, "val": 0.5, "test": 0.5, "seed": 0}, "sum to 1"),
     (("finetune", "val_every"), 0, r"finetune.val_every: expected a positive number that divides"),
     (("finetune", "epochs"), 3, None),  # tiny's val_every 1 divides anything: no error (checked below)

@@ -32,6 +32,11 @@ def test_every_registered_method_is_an_initialisation_with_a_colour_and_a_name()
     assert pretrained_parts("random") == ()
     with pytest.raises(ValueError, match="already registered"):
         ssl.register(ssl.METHODS["mim"])
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="is a built-in initialisation"):  # the factory's own names stay its own
+        ssl.register(replace(ssl.METHODS["mim"], name="imagenet"))
+    assert list(ssl.METHODS) == ["simsiam", "swav", "mim", "glcl"]
 
 
 def test_a_profile_block_overrides_only_what_it_names():

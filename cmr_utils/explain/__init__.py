@@ -14,14 +14,14 @@ One module per concern; the public names are gathered here so that notebooks rea
 - ``numbers``       per run: :func:`explanation_numbers`, :func:`summarise_numbers`, ``XAI_METRICS``.
 
 Prediction lives in :mod:`cmr_utils.inference` (``predict`` is re-exported here for the notebooks), the
-structure names in :mod:`cmr_utils.metrics` (``STRUCTURES``).
+structure names in :mod:`cmr_utils.structures` (``STRUCTURES``).
 
 Array conventions: images (N, H, W) float32 in [0, 1]; label maps uint8 (0 background, 1 RV, 2 MYO,
 3 LV); CAMs (N, H, W) float32 in [0, 1]. Functions that take one slice (H, W) also take a stack
 (N, H, W) and then return one value per slice.
 """
 from ..inference import predict
-from ..metrics import STRUCTURES
+from ..structures import STRUCTURES
 from .cam import DEFAULT_LAYER, resolve_layer, seg_grad_cam
 from .faithfulness import deletion_insertion, randomised_copy, sanity_check_randomised
 from .figures import (ExplanationRow, build_rows, label_colormap, overlay, plot_explanations, plot_initialisations,

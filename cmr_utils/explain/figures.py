@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..inference import predict
-from ..metrics import STRUCTURES  # (1 RV, 2 MYO, 3 LV)
+from ..structures import STRUCTURES  # (1 RV, 2 MYO, 3 LV)
 from .cam import DEFAULT_LAYER, seg_grad_cam
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 from torch import nn
 
 from ..inference import predict
-from ..metrics import STRUCTURES  # (1 RV, 2 MYO, 3 LV)
+from ..structures import STRUCTURES  # (1 RV, 2 MYO, 3 LV)
 from .cam import DEFAULT_LAYER, seg_grad_cam
 from .faithfulness import deletion_insertion, sanity_check_randomised
 from .measures import energy_in_ring, energy_inside, pointing_hit

@@ -8,7 +8,9 @@ from typing import Iterator
 
 import numpy as np
 
-ACDC_LABELS = {1: "RV", 2: "MYO", 3: "LV"}
+from ..structures import STRUCTURES
+
+ACDC_LABELS = STRUCTURES  # ACDC's label values are the study's structures
 LA_LABELS = {1: "LA"}
 
 

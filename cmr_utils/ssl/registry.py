@@ -16,6 +16,8 @@ from typing import Any
 # the settings of train_ssl that a method's defaults or a profile's method block may set
 TRAINING_KEYS = ("image_size", "batch_size", "max_epochs", "patience", "keep", "lr")
 PARTS = ("encoder", "decoder")
+# the initialisations the model factory makes itself; every other one (``models.known_inits``) is a method here
+BUILT_IN_INITS = ("random", "imagenet")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ METHODS: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
     """Add ``method`` to the registry (a name registered twice is an error)."""
-    if method.name in METHODS or method.name in ("random", "imagenet"):
+    if method.name in METHODS or method.name in BUILT_IN_INITS:
         raise ValueError(f"method {method.name!r} is already registered (or is a built-in initialisation)")
     METHODS[method.name] = method
     return method

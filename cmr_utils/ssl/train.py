@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,7 @@ import torch
 
 from ..encoders import save_encoder, validated_encoder_state
 from ..files import atomic_write
-from ..distributed import OneThreadWhenForked
-from ..training import FORK_STRATEGIES, EpochLine, quiet_lightning, require_bf16_safe_input
+from ..training import LOG_FOLDER, EpochLine, build_trainer, history_from_csv, quiet_lightning, require_bf16_safe_input
 from .checks import require_float, require_int
 from .collapse import is_collapsed
 from .data import SliceDataset
@@ -37,19 +35,6 @@ def _check_slices(name: str, slices: Any) -> None:
         raise TypeError(f"{name} must be a numpy array (N, H, W), got {type(slices).__name__}")
     if slices.ndim != 3:
         raise ValueError(f"{name} must have shape (N, H, W), got {slices.shape}")
-
-
-def _history_from_csv(metrics_csv: Path) -> Any:
-    import pandas as pd
-
-    if not metrics_csv.exists():
-        raise RuntimeError(f"training wrote no metrics: {metrics_csv} is missing")
-    raw = pd.read_csv(metrics_csv)
-    # train and validation metrics sit on separate rows of the same epoch: one row per epoch
-    history = raw.groupby("epoch", as_index=False).first()
-    history = history.reindex(columns=HISTORY_COLUMNS)
-    history["epoch"] = history["epoch"].astype(int)
-    return history.dropna(subset=["train_loss"]).reset_index(drop=True)
 
 
 def train_ssl(
@@ -82,8 +67,8 @@ def train_ssl(
     embedding, yet its last epoch gave a frozen decoder less: validation Dice 0.575 vs 0.607, one seed; the
     returned ``best_*`` keys then describe the last epoch). ``lr`` feeds the method's own optimiser: SGD for
     SimSiam (about 0.05 * batch / 256), Adam for SwAV (about 1e-3). ``method_kwargs`` go to the module
-    (heads, queue...), ``trainer_kwargs`` to ``pl.Trainer`` (accelerator, devices, precision,
-    limit_*_batches...; default CPU). The transform's own options are set through
+    (heads, queue...), ``trainer_kwargs`` to the Trainer (``cmr_utils.training.build_trainer``:
+    accelerator, devices, precision, limit_*_batches...; default one CPU). The transform's own options are set through
     ``method_kwargs["transform_kwargs"]``.
 
     Returns {"states" ({"encoder": ..., "decoder": ...} as the method transfers them), "backbone_state" (the
@@ -165,41 +150,22 @@ def train_ssl(
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
         )
-        # a fixed log folder, emptied first: a re-run replaces its history instead of adding version_N
-        shutil.rmtree(out_dir / "log", ignore_errors=True)
-        logger = pl.loggers.CSVLogger(save_dir=str(out_dir), name="", version="log")
         # "best": the lowest val_loss; "last": no monitor, so the one checkpoint kept is always the latest epoch's
-        # (save_last would not do: Lightning writes last.ckpt only on epochs that also improve the monitor)
+        # (save_last would not do: Lightning writes last.ckpt only on epochs that also improve the monitor); inside
+        # the log folder, which build_trainer empties first
         checkpoint = pl.callbacks.ModelCheckpoint(
-            dirpath=Path(logger.log_dir) / "checkpoints",
+            dirpath=out_dir / LOG_FOLDER / "checkpoints",
             filename=f"{keep}-{{epoch}}",
             monitor="val_loss" if keep == "best" else None,
             mode="min",
             save_top_k=1,
         )
         stopping = [pl.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=patience)] if keep == "best" else []
-        accelerator = trainer_kwargs.get("accelerator", "cpu")
-        options: dict[str, Any] = {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            # CUDA has ops without a deterministic kernel (e.g. adaptive pooling backward): warn there
-            "deterministic": True if accelerator == "cpu" else "warn",
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": max(1, min(50, len(train_loader))),
-        }
-        options.update(trainer_kwargs)
-        trainer = pl.Trainer(
-            max_epochs=max_epochs,
-            callbacks=[*stopping, checkpoint,
-                       EpochLine(method, n_images=len(train_loader) * (batch_size // processes),
-                                 monitor="embedding_std_ratio" if model.embedding_dim else "val_loss"),
-                       *([OneThreadWhenForked()] if options.get("strategy") in FORK_STRATEGIES else [])],
-            logger=logger,
-            default_root_dir=str(out_dir),
-            **options,
-        )
+        progress = EpochLine(method, n_images=len(train_loader) * (batch_size // processes),
+                             monitor="embedding_std_ratio" if model.embedding_dim else "val_loss")
+        trainer = build_trainer({"accelerator": "cpu", "devices": 1, **trainer_kwargs}, run_dir=out_dir,
+                                max_epochs=max_epochs, callbacks=[*stopping, checkpoint, progress],
+                                log_every_n_steps=max(1, min(50, len(train_loader))))
         trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader)
 
     if trainer.interrupted:
@@ -212,7 +178,9 @@ def train_ssl(
     states = {part: {k: v.detach().cpu().clone() for k, v in state.items()}
               for part, state in model.transfer_state().items()}
     states["encoder"] = validated_encoder_state(states["encoder"], source=best_path)
-    history = _history_from_csv(Path(logger.log_dir) / "metrics.csv")
+    history = history_from_csv(Path(trainer.logger.log_dir) / "metrics.csv").reindex(columns=HISTORY_COLUMNS)
+    # an epoch without training scores (one that stopped before its end) is no epoch of the history
+    history = history.dropna(subset=["train_loss"]).reset_index(drop=True)
     best_epoch = int(saved["epoch"])
     best_rows = history[history["epoch"] == best_epoch]
     if best_rows.empty:
@@ -233,7 +201,7 @@ def train_ssl(
         "collapsed": collapsed,
         "embedding_dim": model.embedding_dim,
         "best_checkpoint": str(best_path),
-        "log_dir": str(logger.log_dir),
+        "log_dir": str(trainer.logger.log_dir),
     }
 
 
