@@ -133,3 +133,21 @@ def test_a_new_seed_trains_only_its_runs_and_a_method_block_only_its_method(proj
     assert len(new) == 4 * 2 + 2 * 2 + 1  # seed 2 of each init and budget, swav's other runs, swav's pretraining
     assert project.up_to_date(t["01"] + sorted(set(t["02"] + t["03"]) - new))
     assert run == new | set(t["04"] + t["05"] + t["06"])
+
+
+def test_each_stage_lists_the_parameter_sections_its_notebook_reads():
+    """Every params["<section>"] of a notebook is among its stage's stamps (profile: all of them); the notebooks of
+    one run (02, 03) never read the lists that name the runs, which their stamps leave out."""
+    from cmr_utils.dependencies import STAGE_PARAMETERS, SWEEP_KEYS, stages
+    from cmr_utils.paths import NOTEBOOKS_DIR
+
+    assert set(STAGE_PARAMETERS) == set(stages())
+    for stage, stamps in STAGE_PARAMETERS.items():
+        text = (NOTEBOOKS_DIR / f"{stage}.py").read_text()
+        read = set(re.findall(r"""params\[["'](\w+)["']\]""", text))
+        assert read, stage
+        covered = {s.split("-")[0] for s in stamps}
+        assert "profile" in covered or read <= covered, (stage, read - covered)
+        if stage in ("02_pretrain", "03_finetune"):
+            keys = {k for ks in SWEEP_KEYS.values() for k in ks}
+            assert not {k for k in keys if re.search(rf"""\[["']{k}["']\]""", text)}, stage
