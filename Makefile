@@ -67,14 +67,35 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py too
 # ------------------------------------------------------------------------------------------ the plan
 # Run names, folders and the data tag come from cmr_utils (the one module that knows the layout).
 PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s|%s' "$(DATA)" "$(CMR_OUTPUT_ROOT)" "$(EXTERNAL)" | cksum | cut -d' ' -f1).mk
-$(PLAN): $(STAMP) params/$(PROFILE).yaml cmr_utils/plan.py cmr_utils/paths.py cmr_utils/params.py $(wildcard cmr_utils/readers/*.py) cmr_utils/prepare.py
+$(PLAN): $(STAMP) params/$(PROFILE).yaml $$(PROFILE_FILES) $$(MODULES_plan)
 	@mkdir -p $(dir $@)
 	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --external "$(EXTERNAL)" --make > $@.tmp && mv $@.tmp $@
-ifneq ($(filter report prepare pretrain finetune evaluate explain run clean-outputs,$(MAKECMDGOALS)),)
+# What each stage depends on (cmr_utils/dependencies.py, docs/make.md): MODULES_<stage>, the package modules its
+# notebook may run, read from the import statements; PARAMETERS_<stage>, the parameter stamps it reads;
+# PROFILE_FILES, the profile's file and the files it extends.
+DEPENDENCIES := .make/dependencies-$(PROFILE).mk
+$(DEPENDENCIES): $(STAMP) $(wildcard notebooks/*.py cmr_utils/*.py cmr_utils/*/*.py params/*.yaml)
+	@mkdir -p $(dir $@)
+	$(PY) -m cmr_utils.dependencies --profile $(PROFILE) --make > $@.tmp && mv $@.tmp $@
+# (a stage's goal, or one of its files: `make -q <executed notebook>` asks whether that one is up to date)
+ifneq ($(filter report prepare pretrain finetune evaluate explain run clean-outputs %.ipynb %/report.html,$(MAKECMDGOALS)),)
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error profile '$(PROFILE)' does not exist (no params/$(PROFILE).yaml); the profiles that exist: $(PROFILES))
 endif
+include $(DEPENDENCIES)
 include $(PLAN)
+# The parameter stamps ($(RUNS_DIR)/params/<section>.json, one per group of parameters a stage reads) and the
+# EXTERNAL= value, each rewritten only when its content changes, while Make reads this file: before it decides
+# anything, so that `make -n`, `-q` and `-t` see what `make` would.
+PARAMS_STAMPS = $(RUNS_DIR)/params
+EXTERNAL_VALUE = $(RUNS_DIR)/evaluate/external.txt
+ifneq ($(RUNS_DIR),)
+$(shell $(PY) -m cmr_utils.dependencies --profile $(PROFILE) --stamps $(PARAMS_STAMPS) >&2)
+ifneq ($(.SHELLSTATUS),0)
+$(error the parameter stamps of PROFILE=$(PROFILE) could not be written (the line above says why))
+endif
+$(shell mkdir -p $(dir $(EXTERNAL_VALUE)) && { printf '%s\n' "$(EXTERNAL)" | cmp -s - $(EXTERNAL_VALUE) || printf '%s\n' "$(EXTERNAL)" > $(EXTERNAL_VALUE); })
+endif
 # `make run` checks RUN against the plan's runs once the plan exists (make reads this file again after making it)
 ifneq ($(and $(filter run,$(MAKECMDGOALS)),$(wildcard $(PLAN))),)
 ifeq ($(strip $(RUN)),)
@@ -86,7 +107,8 @@ endif
 endif
 endif
 
-LIB := $(wildcard cmr_utils/*.py cmr_utils/*/*.py) params/$(PROFILE).yaml $(STAMP)
+# a stage's own inputs besides the stages before it: the modules its notebook may run, its parameter stamps, the venv
+stage_inputs = $(MODULES_$(1)) $(PARAMETERS_$(1):%=$(PARAMS_STAMPS)/%.json) $(STAMP)
 EXE = $(REPORTS_DIR)/executed
 PREP = $(EXE)/01_prepare_data.ipynb
 PRETRAIN = $(METHODS:%=$(EXE)/02_pretrain-%.ipynb)
@@ -131,10 +153,11 @@ report: $(REPORTS_DIR)/report.html ## every stage, then reports/<data>/<profile>
 	@ln -sfn $(TAG)/$(PROFILE)/report.html $(OUTPUT_ROOT)/reports/report.html
 	@echo "report: $(REPORTS_DIR)/report.html (also linked as $(OUTPUT_ROOT)/reports/report.html)"
 
-$(PREP): $(NB)/01_prepare_data.ipynb $(LIB)
+$(PREP): $(NB)/01_prepare_data.ipynb $(call stage_inputs,01_prepare_data)
 	$(call papermill,01_prepare_data)
 
-$(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: $(NB)/02_pretrain.ipynb $(PREP) $(LIB)
+# (a static pattern rule: its stamp pretrain-%.json is the method's, e.g. pretrain-swav.json)
+$(PRETRAIN): $(EXE)/02_pretrain-%.ipynb: $(NB)/02_pretrain.ipynb $(PREP) $(call stage_inputs,02_pretrain)
 	$(call papermill,02_pretrain,-p method $*,pretraining $(call position,$*,$(METHODS)) of $(words $(METHODS)))
 
 # an SSL-initialised run also waits for (and re-runs after) its method's pretraining
@@ -142,23 +165,20 @@ ssl_prereq = $(if $(filter $(METHODS),$(firstword $(subst -, ,$(1)))),$(EXE)/02_
 # an ImageNet run recorded as unavailable re-runs once the weights file appears in the torch hub cache
 TORCH_HUB := $(or $(TORCH_HOME),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/torch),$(HOME)/.cache/torch)/hub
 imagenet_prereq = $(if $(filter imagenet,$(firstword $(subst -, ,$(1)))),$(wildcard $(TORCH_HUB)/checkpoints/resnet18-*.pth))
-$(FINETUNE): $(EXE)/03_finetune-%.ipynb: $(NB)/03_finetune.ipynb $(PREP) $(LIB) $$(call ssl_prereq,$$*) \
+$(FINETUNE): $(EXE)/03_finetune-%.ipynb: $(NB)/03_finetune.ipynb $(PREP) $(call stage_inputs,03_finetune) \
+		$$(call ssl_prereq,$$*) \
 		$$(call imagenet_prereq,$$*)
 	$(call papermill,03_finetune,-p run $*,fine-tuning run $(call position,$*,$(RUNS)) of $(words $(RUNS)))
 
-# the EXTERNAL= value as a file that changes only when the value does: stages 04 and 06 re-run when it changes
-EXTERNAL_VALUE = $(RUNS_DIR)/evaluate/external.txt
-$(EXTERNAL_VALUE): FORCE
-	@mkdir -p $(@D)
-	@printf '%s\n' "$(EXTERNAL)" | cmp -s - $@ || printf '%s\n' "$(EXTERNAL)" > $@
-
-$(EVALUATE): $(NB)/04_evaluate.ipynb $(FINETUNE) $(LIB) $(EXTERNAL_VALUE)
+# stages 04 and 06 re-run when the EXTERNAL= value changes (EXTERNAL_VALUE, written above)
+$(EVALUATE): $(NB)/04_evaluate.ipynb $(FINETUNE) $(call stage_inputs,04_evaluate) $(EXTERNAL_VALUE)
 	$(call papermill,04_evaluate,-p external "$(EXTERNAL)")
 
-$(EXPLAIN): $(NB)/05_explain.ipynb $(EVALUATE) $(LIB)
+$(EXPLAIN): $(NB)/05_explain.ipynb $(EVALUATE) $(call stage_inputs,05_explain)
 	$(call papermill,05_explain)
 
-$(REPORT): $(NB)/06_report.ipynb $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(LIB) $(EXTERNAL_VALUE)
+$(REPORT): $(NB)/06_report.ipynb $(PREP) $(PRETRAIN) $(EVALUATE) $(EXPLAIN) $(call stage_inputs,06_report) \
+		$(EXTERNAL_VALUE)
 	$(call papermill,06_report,-p external "$(EXTERNAL)")
 
 # stages 01, 04, 05 and 06 never run beside another stage (each waits for every stage before it, and every later
@@ -209,4 +229,4 @@ SPLIT ?= val
 framing: $(STAMP) ## Dice of run RUN on the SPLIT (val) patients framed as other centres frame them
 	$(PY) -m cmr_utils.framing --run "$(RUN)" --split $(SPLIT) --profile $(PROFILE) --data "$(DATA)"
 
-.PHONY: predict framing FORCE
+.PHONY: predict framing

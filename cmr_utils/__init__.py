@@ -6,6 +6,7 @@ one small module (or subpackage) per concern:
 - ``paths``          where data, runs and reports live (the only module that knows the layout)
 - ``params``         parameter profiles (``params/<profile>.yaml``) and their validation
 - ``plan``           the study's plan for one (profile, data): which runs exist and where they live
+- ``dependencies``   what each stage depends on (modules read from the imports, parameter stamps), for Make
 - ``files``          atomic writes: a reader never sees half a file or folder
 - ``readers/``       one reader interface over the supported cardiac MRI layouts (``base``: the interface and
                      checked NIfTI / HDF5 reading; ``acdc``, ``decathlon``, ``la2018``, ``mnms``,

@@ -4,6 +4,10 @@ A profile holds every parameter of every stage (``tiny`` for tests and CI, ``def
 on the phantom on a 2-core machine, ``paper`` for the study's full protocol on a GPU). Notebooks receive
 only the profile name, the data folders and the loop variables (method, init, budget, seed) from Papermill,
 and read everything else here, so derived values are always computed after injection.
+
+A profile may extend another and state only what differs: ``extends: paper`` takes ``params/paper.yaml`` (itself
+possibly extending another) and merges this file over it, mapping by mapping; a list or a value replaces the
+parent's. The schema checks the merged result.
 """
 from __future__ import annotations
 
@@ -261,14 +265,54 @@ def known_profiles() -> list[str]:
     return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
 
 
-def load_profile(profile: str) -> dict:
-    """Read and validate ``params/<profile>.yaml``; an unknown profile is an error listing the ones that exist."""
+def _existing_profile(profile: Any, where: str) -> Path:
+    """``params/<profile>.yaml``; an unknown profile is an error listing the ones that exist."""
+    if not isinstance(profile, str):
+        raise ParameterError(f"{where}expected a profile name (a file params/<name>.yaml), got {profile!r}")
     path = profile_path(profile)
-    if not isinstance(profile, str) or "/" in profile or "\\" in profile or not path.is_file():
-        raise ParameterError(f"profile {profile!r} does not exist (no file {path}); the profiles that exist: "
+    if "/" in profile or "\\" in profile or not path.is_file():
+        raise ParameterError(f"{where}profile {profile!r} does not exist (no file {path}); the profiles that exist: "
                              f"{', '.join(known_profiles()) or 'none'}")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParameterError(f"{path}: not valid YAML ({err})") from err
-    return validate(params, source=str(path))
+    return path
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: mappings merged key by key, anything else (lists included) replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def read_profile(profile: str) -> tuple[dict, list[Path]]:
+    """``params/<profile>.yaml`` with its ``extends:`` chain merged (``extends: paper``: paper's parameters with this
+    file's over them), unchecked; and the files read, the profile's own first. Nothing is validated here."""
+    chain: list[Path] = []
+    layers: list[dict] = []
+    name, where = profile, ""
+    while name is not None:
+        path = _existing_profile(name, where)
+        if path in chain:
+            raise ParameterError(f"{chain[-1]}: extends: {name!r} closes a cycle "
+                                 f"({' -> '.join(p.stem for p in [*chain, path])})")
+        chain.append(path)
+        try:
+            layer = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ParameterError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(layer, dict):
+            raise ParameterError(f"{path}: expected a mapping of parameter sections, got {type(layer).__name__}")
+        name = layer.pop("extends", None)
+        where = f"{path}: extends: "
+        layers.append(layer)
+    params: dict = {}
+    for layer in reversed(layers):
+        params = merge(params, layer)
+    return params, chain
+
+
+def load_profile(profile: str) -> dict:
+    """Read (``read_profile``: the ``extends:`` chain merged) and validate ``params/<profile>.yaml``."""
+    params, chain = read_profile(profile)
+    source = str(chain[0]) + (f" (extends {' -> '.join(p.stem for p in chain[1:])})" if len(chain) > 1 else "")
+    return validate(params, source=source)

@@ -10,7 +10,7 @@ from cmr_utils.paths import PROJ_ROOT, data_tag, run_name, workspace
 from cmr_utils.plan import finetune_runs, make_variables
 
 
-@pytest.mark.parametrize("profile", ["tiny", "default", "paper", "acdc-cpu", "paper-check"])
+@pytest.mark.parametrize("profile", P.known_profiles())
 def test_shipped_profiles_are_valid(profile):
     P.load_profile(profile)
 
@@ -192,19 +192,69 @@ def test_plan_names_every_run_deterministically():
     assert "METHODS := simsiam swav mim glcl" in text
 
 
-def test_paper_check_is_the_paper_profile_made_small():
-    """paper-check runs every stage of the study's protocol on a CPU: only sizes, epochs and seeds may differ."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
-    paper, check = flat(P.load_profile("paper")), flat(P.load_profile("paper-check"))
-    assert paper.keys() == check.keys()
-    differ = {k for k in paper if paper[k] != check[k]}
-    assert differ <= {"data.image_size", "data.phantom.patients", "data.phantom.extra_cases", "data.phantom.frames",
-                      "pretrain.image_size", "pretrain.max_epochs", "pretrain.patience", "finetune.seeds",
-                      "finetune.epochs", "finetune.epochs_budget", "trainer.accelerator", "trainer.num_workers",
-                      "explain.max_slices"}, differ
-    assert check["finetune.budgets"] == paper["finetune.budgets"] and check["finetune.loss"] == "dice"
+
+def test_a_profile_extends_another(tmp_path, monkeypatch):
+    """Mappings merged key by key through the chain, lists and values replaced; the schema checks the result."""
+    import yaml
+
+    base = P.load_profile("tiny")
+    monkeypatch.setattr(P, "PARAMS_DIR", tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "child.yaml").write_text("extends: base\nfinetune: {lr: 0.5, budgets: [all, 3]}\n"
+                                         "trainer: {precision: 32-true}\n")
+    (tmp_path / "grandchild.yaml").write_text("extends: child\nfinetune:\n  budgets: [all]\n  augment: {gamma: 0.2}\n")
+    params, chain = P.read_profile("grandchild")
+    assert [p.name for p in chain] == ["grandchild.yaml", "child.yaml", "base.yaml"]
+    assert params == P.load_profile("grandchild")
+    ft = params["finetune"]
+    assert (ft["lr"], ft["budgets"], ft["augment"]["gamma"]) == (0.5, ["all"], 0.2)
+    assert ft["augment"]["flips"] == base["finetune"]["augment"]["flips"] and ft["epochs"] == base["finetune"]["epochs"]
+    assert params["trainer"] == {**base["trainer"], "precision": "32-true"}
+    changed = {k for k, v in flat(params).items() if flat(base)[k] != v}
+    assert changed == {"finetune.lr", "finetune.budgets", "finetune.augment.gamma", "trainer.precision"}
+    assert P.load_profile("child")["finetune"]["budgets"] == ["all", 3] and P.load_profile("base") == base
+
+    (tmp_path / "typo.yaml").write_text("extends: base\nfinetune: {epoch: 3}\n")
+    with pytest.raises(P.ParameterError, match=r"typo.yaml \(extends base\): finetune: unknown key\(s\) \['epoch'\]"):
+        P.load_profile("typo")
+    (tmp_path / "orphan.yaml").write_text("extends: nope\n")
+    with pytest.raises(P.ParameterError, match=r"orphan.yaml: extends: profile 'nope' does not exist \(no file "
+                                              r".*nope.yaml\); the profiles that exist: base, child"):
+        P.load_profile("orphan")
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(P.ParameterError, match=r"b.yaml: extends: 'a' closes a cycle \(a -> b -> a\)"):
+        P.load_profile("a")
+    (tmp_path / "many.yaml").write_text("extends: [base, child]\n")
+    with pytest.raises(P.ParameterError, match=r"many.yaml: extends: expected a profile name .*got \['base', 'child'\]"):
+        P.load_profile("many")
+    (tmp_path / "path.yaml").write_text("extends: ../base\n")
+    with pytest.raises(P.ParameterError, match=r"path.yaml: extends: profile '../base' does not exist"):
+        P.load_profile("path")
+
+
+@pytest.mark.parametrize("overlay,may_differ", [
+    # paper-check runs every stage of the study's protocol on a CPU: only sizes, epochs and seeds differ
+    ("paper-check", {"data.image_size", "data.phantom.patients", "data.phantom.extra_cases", "data.phantom.frames",
+                     "pretrain.image_size", "pretrain.max_epochs", "pretrain.patience", "finetune.seeds",
+                     "finetune.epochs", "finetune.epochs_budget", "trainer.accelerator", "trainer.num_workers",
+                     "explain.max_slices"}),
+    # paper-cluster is the study's protocol with another trainer
+    ("paper-cluster", {"trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy"}),
+])
+def test_the_paper_overlays_resolve_to_paper_with_their_own_changes_only(overlay, may_differ):
+    import yaml
+
+    stated = yaml.safe_load(P.profile_path(overlay).read_text())
+    assert stated.pop("extends") == "paper"
+    paper, resolved = flat(P.load_profile("paper")), flat(P.load_profile(overlay))
+    assert paper.keys() == resolved.keys()
+    differ = {k for k in paper if paper[k] != resolved[k]}
+    assert differ <= may_differ and differ <= set(flat(stated)), differ  # each difference stated in the overlay
+    assert {k: resolved[k] for k in flat(stated)} == flat(stated)
