@@ -43,12 +43,18 @@ def test_nifti_pairs_round_trip(tmp_path):
             assert metrics.structure_scores(got.T, truth.T)[metrics.STRUCTURES[k]]["dice"] == 1.0
     csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
     assert list(csv.columns) == ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume",
-                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef", "check"]
+                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef", "ed_es_from", "check", "quality"]
     # these boxes hold 10 mL of heart, too small for a real one even in 3.2 cm of stack; p02 has no labels
     assert csv["check"].iloc[0] == ("heart (RV+MYO+LV) implausibly small: 10.1 mL, under 12.8 mL for a stack of 3.2 "
                                     "cm; left ventricle (LV+MYO) implausibly small: 5.8 mL, under 9.6 mL for a stack "
                                     "of 3.2 cm")
     assert csv["check"].iloc[2] == "no heart predicted (no RV, MYO or LV voxel)"
+    # per case: the frame's findings, then the patient's (p01's ED and ES files make one pair) out of range
+    physiology = "LV EDV 1.4 mL outside 40-400 mL; LV EF 0% outside 10-85%; myocardial mass 4.5 g outside 30-300 g"
+    assert list(csv["quality"]) == [f"warning: {csv['check'].iloc[0]}; {physiology}",
+                                    f"warning: {csv['check'].iloc[1]}; {physiology}",
+                                    "warning: no heart predicted (no RV, MYO or LV voxel)"]
+    assert list(csv["ed_es_from"]) == ["headers", "headers", "none"]
     pd.testing.assert_frame_equal(csv, table.astype({"frame": float}), check_dtype=False)
     ed_label, es_label = heart(shift=0)[1], heart(shift=2)[1]
     voxel_ml = 1.25 * 1.5 * 8.0 / 1000
@@ -129,10 +135,13 @@ def test_a_prediction_that_misses_the_heart_is_flagged_never_silent(tmp_path, ca
 
     table = predict_folder(misses_es, inp, tmp_path / "out", progress=False)
     csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
-    assert list(csv.columns[-2:]) == ["rv_ef", "check"] and list(csv["check"]) == ["ok", missing]
+    assert list(csv.columns[-3:]) == ["ed_es_from", "check", "quality"] and list(csv["check"]) == ["ok", missing]
     assert list(table["check"]) == ["ok", missing]
+    ef = "LV EF 100.0% outside 10-85%"  # ES has no LV: the heart emptied itself
+    assert list(csv["quality"]) == [f"warning: {ef}", f"warning: {missing}; {ef}"]
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "p01_ES_pred.nii.gz")).dataobj).any()  # written
-    assert capsys.readouterr().err == f"predict: WARNING p01_ES ES: {missing}\n"  # progress off, warnings on
+    assert capsys.readouterr().err == (f"predict: WARNING p01_ES ES: {missing}\n"  # progress off, warnings on
+                                       f"predict: WARNING p01: {ef}\n")
 
     table = predict_folder(lambda vol: np.zeros(vol.image.shape, np.uint8), inp, tmp_path / "out")
     err = capsys.readouterr().err
@@ -143,7 +152,8 @@ def test_a_prediction_that_misses_the_heart_is_flagged_never_silent(tmp_path, ca
 
     table = predict_folder(oracle, inp, tmp_path / "out")  # the ground truth: a plausible heart in both frames
     err = capsys.readouterr().err
-    assert (pd.read_csv(tmp_path / "out" / "volumes.csv")["check"] == "ok").all() and "WARNING" not in err
+    saved = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert (saved["check"] == "ok").all() and (saved["quality"] == "ok").all() and "WARNING" not in err
     assert err.splitlines()[-1].endswith("; all 2 frame(s) pass the plausibility check")
 
 
