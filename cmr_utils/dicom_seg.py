@@ -66,6 +66,12 @@ def check_scan(scan: Scan) -> None:
         if ds.StudyInstanceUID != study:
             raise DataError(f"{path}: StudyInstanceUID {ds.StudyInstanceUID} differs from the rest of its series "
                             f"({study}); a DICOM-SEG references one study")
+        frames_of_reference.add(str(ds.FrameOfReferenceUID))
+    if len(frames_of_reference) > 1:
+        warnings.warn(f"{scan.path}: {len(frames_of_reference)} FrameOfReferenceUIDs in one series (the standard has "
+                      "one per series; an anonymiser that replaced every UID does this); its DICOM-SEG takes the "
+                      f"first image's, {source_files(scan)[0]}, for every frame (the positions agree: the reader "
+                      "checked them)", stacklevel=2)
 
 
 def _valid_date(value) -> bool:
