@@ -56,6 +56,13 @@ def _headers(scan: Scan) -> list:
 def check_scan(scan: Scan) -> None:
     """A DataError naming the first file of ``scan`` without a header a DICOM-SEG needs, or of another study; a
     warning where the images of the series do not share one frame of reference."""
+    from .readers.dicom import _lenient
+
+    with _lenient():  # values are checked on first use: Sunnybrook's UIDs have leading zeros
+        _check_headers(scan)
+
+
+def _check_headers(scan: Scan) -> None:
     study, frames_of_reference = None, set()
     for path, ds in zip(source_files(scan), _headers(scan)):
         missing = [k for k in REQUIRED if not str(ds.get(k, "") or "").strip()]
@@ -71,7 +78,7 @@ def check_scan(scan: Scan) -> None:
         warnings.warn(f"{scan.path}: {len(frames_of_reference)} FrameOfReferenceUIDs in one series (the standard has "
                       "one per series; an anonymiser that replaced every UID does this); its DICOM-SEG takes the "
                       f"first image's, {source_files(scan)[0]}, for every frame (the positions agree: the reader "
-                      "checked them)", stacklevel=2)
+                      "checked them)", stacklevel=3)
 
 
 def _valid_date(value) -> bool:
@@ -101,13 +108,25 @@ def write_segmentations(scan: Scan, labels: np.ndarray, folder: Path, algorithm:
     """Write ``labels`` (T, Z, H, W) in ACDC's labels, on ``scan``'s DICOM grid, as DICOM-SEG into ``folder``: one
     SEG series per source series, one instance per cardiac phase (InstanceNumber = phase; highdicom puts one
     segmentation frame per image position in an instance), named by ``file_names``."""
-    import highdicom as hd
     from pydicom import config
-    from pydicom.sr.codedict import codes
 
     from .readers.dicom import _lenient
 
     labels = np.asarray(labels, dtype=np.uint8)
+    writing = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE  # the source's UIDs are referenced as they are
+    try:
+        with _lenient(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            return _write(scan, labels, Path(folder), algorithm, version)
+    finally:
+        config.settings.writing_validation_mode = writing
+
+
+def _write(scan: Scan, labels: np.ndarray, folder: Path, algorithm: str, version: str) -> list[Path]:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     datasets = _headers(scan)
     n_slices = labels.shape[1]
     if labels.shape[0] != len(scan.frames) or len(datasets) != labels.shape[0] * n_slices:
@@ -127,25 +146,18 @@ def write_segmentations(scan: Scan, labels: np.ndarray, folder: Path, algorithm:
                 for number, label, code, lab in SEGMENTS]
     series = str(datasets[0].SeriesInstanceUID)
     written = []
-    writing = config.settings.writing_validation_mode
-    config.settings.writing_validation_mode = config.WARN  # source UIDs and dates off the standard's format are kept
-    try:
-        with _lenient(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-            for t, name in enumerate(file_names(scan)):
-                phase = labels[t]
-                digest = hashlib.sha256(phase.tobytes()).hexdigest()
-                seg = hd.seg.Segmentation(
-                    source_images=datasets[t * n_slices:(t + 1) * n_slices], pixel_array=phase,
-                    segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-                    series_instance_uid=_uid(series, algorithm, "series"), series_number=SERIES_NUMBER,
-                    sop_instance_uid=_uid(series, algorithm, str(t), digest), instance_number=t + 1,
-                    manufacturer="cmr_utils", manufacturer_model_name=algorithm[:64], software_versions=version,
-                    device_serial_number="none", content_label="HEART",
-                    content_description=f"RV, LV myocardium, LV by {algorithm}"[:64],
-                    series_description=f"Segmentation {algorithm}"[:64])
-                seg.save_as(Path(folder) / name)
-                written.append(Path(folder) / name)
-    finally:
-        config.settings.writing_validation_mode = writing
+    for t, name in enumerate(file_names(scan)):
+        phase = labels[t]
+        digest = hashlib.sha256(phase.tobytes()).hexdigest()
+        seg = hd.seg.Segmentation(
+            source_images=datasets[t * n_slices:(t + 1) * n_slices], pixel_array=phase,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=_uid(series, algorithm, "series"), series_number=SERIES_NUMBER,
+            sop_instance_uid=_uid(series, algorithm, str(t), digest), instance_number=t + 1,
+            manufacturer="cmr_utils", manufacturer_model_name=algorithm[:64], software_versions=version,
+            device_serial_number="none", content_label="HEART",
+            content_description=f"RV, LV myocardium, LV by {algorithm}"[:64],
+            series_description=f"Segmentation {algorithm}"[:64])
+        seg.save_as(folder / name)
+        written.append(folder / name)
     return written
