@@ -211,17 +211,20 @@ clean-outputs: ## delete the runs and reports of this PROFILE and DATA
 .PHONY: help env prepare pretrain finetune run evaluate explain report test lab bench sync clean-outputs
 
 # ------------------------------------------------------------------------------------------ new scans
-# make predict RUN=<run folder, or init-budget-sSEED> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...] [LABEL_MAP=1:3,2:2,3:1]
+# make predict RUN=<run folder, or init-budget-sSEED> INPUT=<folder> OUTPUT=<folder> [PROFILE=...] [DATA=...]
+#              [LABEL_MAP=1:3,2:2,3:1] [DICOM_SEG=1]
 # RUN is the path of a run folder (it carries its plans.json: a copy anywhere works), or a run name looked up in the
-# workspace of PROFILE and DATA (where it was trained); INPUT may hold any supported
-# layout; OUTPUT gets <case>_pred.nii.gz (the input's grid and header) and volumes.csv. See README "Predict on new scans".
+# workspace of PROFILE and DATA (where it was trained); INPUT may hold any supported layout; OUTPUT gets
+# <case>_pred.nii.gz (the input's grid and header) and volumes.csv, and with DICOM_SEG=1 (DICOM input only) DICOM
+# Segmentation objects referencing the source images. See docs/predict.md.
 RUN ?=
 INPUT ?=
 OUTPUT ?=
 LABEL_MAP ?=
-predict: $(STAMP) ## segment the scans of INPUT with run RUN into OUTPUT (NIfTI masks and volumes.csv)
-	$(PY) -m cmr_utils.predict_scans --run "$(RUN)" --input "$(INPUT)" --output "$(OUTPUT)" --profile $(PROFILE) \
-		--data "$(DATA)" $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)")
+DICOM_SEG ?=
+predict: $(STAMP) ## segment the scans of INPUT with run RUN into OUTPUT (NIfTI masks, volumes.csv; DICOM_SEG=1: DICOM-SEG)
+	$(PY) -m cmr_utils.predict_command --run "$(RUN)" --input "$(INPUT)" --output "$(OUTPUT)" --profile $(PROFILE) \
+		--data "$(DATA)" $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(filter 1 yes true,$(DICOM_SEG)),--dicom-seg)
 
 # make framing RUN=<init>-<budget>-s<seed> [SPLIT=val|test] [PROFILE=...] [DATA=...]: the framing test of one
 # trained run (cmr_utils/framing.py): Dice on the split's patients as framed, cropped around the heart and padded.

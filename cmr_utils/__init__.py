@@ -29,6 +29,8 @@ one small module (or subpackage) per concern:
 - ``evaluate``       stage 04: every run's model on the test split, on the model's and the original grid
 - ``stats``          patient-level bootstrap intervals and paired comparisons across initialisations
 - ``predict_scans``  segments new scans with a trained run, written as NIfTI on each input's own grid
+- ``predict_command`` make predict's command line: light to import, one line on error or Ctrl-C
+- ``dicom_seg``      a prediction as DICOM Segmentation objects referencing the source images
 - ``plausibility``   flags a predicted label map that missed the heart (none, no LV, implausibly small)
 - ``explain/``       stage 05: Seg-Grad-CAM (``cam``), its measures, faithfulness checks, slice selection,
                      numbers and figures

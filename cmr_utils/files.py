@@ -27,10 +27,13 @@ def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
 
 
 class AtomicDir:
-    """A temporary sibling folder to fill; ``commit()`` swaps it in for ``target``, ``abort()`` removes it."""
+    """A temporary sibling folder to fill; ``commit()`` swaps it in for ``target``, ``abort()`` removes it and
+    every parent folder of ``target`` that it created (when empty), so that a failed run leaves no folder."""
 
     def __init__(self, target: str | os.PathLike):
         self.target = Path(target)
+        missing = [p for p in [self.target.parent, *self.target.parent.parents] if not p.exists()]
+        self.created = missing  # deepest first: the order abort removes them in
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.path, ignore_errors=True)
@@ -38,10 +41,22 @@ class AtomicDir:
 
     def commit(self) -> None:
         old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-        if self.target.exists():
-            os.replace(self.target, old)
-        os.replace(self.path, self.target)
+        moved = False
+        try:
+            if self.target.exists():
+                os.replace(self.target, old)
+                moved = True
+            os.replace(self.path, self.target)
+        except BaseException:  # an interrupt between the two renames: the earlier output goes back in place
+            if moved and not self.target.exists():
+                os.replace(old, self.target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        for folder in self.created:
+            try:
+                folder.rmdir()  # only if empty: another process may have put something there since
+            except OSError:
+                break

@@ -7,8 +7,14 @@ phrase with the measured value per finding; an empty list means plausible. It is
 quality score: a prediction that passes may still be wrong, one that fails is certainly not to be trusted.
 
 Findings: no heart at all (no foreground voxel); no LV cavity; no myocardium; and, where the voxel spacing
-(z, y, x) mm is known, a heart (RV+MYO+LV) or a left ventricle (LV+MYO) implausibly small in mL; where it is
-not, a heart implausibly small as a share of the volume's pixels.
+(z, y, x) mm is known, a heart (RV+MYO+LV), a left ventricle (LV+MYO) or an LV cavity implausibly small in mL (a
+contrast-inverted scan gives a few voxels of LV inside a plausible heart); where it is not, a heart implausibly
+small as a share of the volume's pixels.
+
+``check_function(lv_edv, lv_ef, myo_mass)`` checks a patient's values from the ED and ES frames against
+physiological ranges (``PHYSIOLOGICAL_RANGES``): those of the adult literature, widened where a real ACDC ground
+truth lies outside (every one of ACDC's 80 HDF5 patients passes; ``tests/test_plausibility.py`` checks it when
+``CMR_ACDC_DIR`` is set).
 
 **Calibration.** The thresholds are about a quarter of the smallest value in the ground truth of ACDC's 160
 training volumes (``ACDC_training_volumes/*.h5`` with ``spacing.csv``; every one has all three structures),
@@ -35,8 +41,20 @@ MIN_LEFT_HEART_ML = 15.0
 MIN_HEART_ML_PER_CM = 4.0
 # left ventricle (LV+MYO) per cm of the stack's extent, mL/cm: ACDC's smallest is 12.3 (patient063, ES)
 MIN_LEFT_HEART_ML_PER_CM = 3.0
+# LV cavity of a whole stack, mL: ACDC's smallest is 19.4 mL (patient030, ES)
+MIN_LV_ML = 4.0
+# LV cavity per cm of the stack's extent, mL/cm: ACDC's smallest is 1.9 (patient030, ES)
+MIN_LV_ML_PER_CM = 0.4
 # heart's share of the volume's pixels, used without spacing: ACDC's smallest is 1.35% (patient037, ES)
 MIN_HEART_SHARE = 0.003
+
+# A patient's values outside these (low, high) are flagged. Adult references (Kawel-Turkbey et al., JCMR 17:29, 2015)
+# widened to the diseased hearts of ACDC (Bernard et al. 2018: dilated, hypertrophic, infarcted, abnormal RV):
+PHYSIOLOGICAL_RANGES = {
+    "LV EDV": (40.0, 400.0, "mL"),  # normal 100-250 mL; ACDC's ground truth 51-374 mL (small hearts to dilated)
+    "LV EF": (10.0, 85.0, "%"),  # normal 55-75 %; ACDC's ground truth 10.7-81.9 % (failing to hyperdynamic)
+    "myocardial mass": (30.0, 300.0, "g"),  # at ED, 1.05 g/mL; normal 70-200 g; ACDC's ground truth 36.8-272 g
+}
 
 RV, MYO, LV = (STRUCTURE_LABELS[name] for name in ("RV", "MYO", "LV"))
 
@@ -89,9 +107,29 @@ def check_prediction(labels, spacing=None) -> list[str]:
         minimum, expected = _minimum_ml(MIN_LEFT_HEART_ML, MIN_LEFT_HEART_ML_PER_CM, stack_cm)
         if left and left * voxel_ml < minimum:
             findings.append(f"left ventricle (LV+MYO) implausibly small: {_num(left * voxel_ml)} mL, {expected}")
+        minimum, expected = _minimum_ml(MIN_LV_ML, MIN_LV_ML_PER_CM, stack_cm)
+        heart_too_small = any("implausibly small" in finding for finding in findings)  # says it already
+        if counts[LV] and counts[LV] * voxel_ml < minimum and not heart_too_small:
+            findings.append(f"LV cavity implausibly small: {_num(counts[LV] * voxel_ml)} mL, {expected}")
     else:
         share = heart / labels.size
         if share < MIN_HEART_SHARE:
             findings.append(f"heart (RV+MYO+LV) implausibly small: {_num(100 * share)}% of the pixels, "
                             f"under {_num(100 * MIN_HEART_SHARE)}% (no spacing: mL unknown)")
+    return findings
+
+
+def check_function(lv_edv: float | None = None, lv_ef: float | None = None,
+                   myo_mass: float | None = None) -> list[str]:
+    """What lies outside ``PHYSIOLOGICAL_RANGES`` among a patient's LV end-diastolic volume (mL), LV ejection
+    fraction (%) and myocardial mass at ED (g): short findings with the values; None or NaN is not checked (a
+    source without spacing has no mL, a patient without ED and ES no EF)."""
+    findings = []
+    for name, value in (("LV EDV", lv_edv), ("LV EF", lv_ef), ("myocardial mass", myo_mass)):
+        if value is None or not math.isfinite(float(value)):
+            continue
+        low, high, unit = PHYSIOLOGICAL_RANGES[name]
+        if not low <= float(value) <= high:
+            sep = "" if unit == "%" else " "
+            findings.append(f"{name} {_num(float(value))}{sep}{unit} outside {low:g}-{high:g}{sep}{unit}")
     return findings

@@ -41,6 +41,8 @@ def dicom_image(path: Path, *, z: int, t: int, instance: int, series_uid: str, p
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
     ds.PatientID, ds.Modality, ds.ImageType = patient, modality, list(image_type)
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, instance
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient, "study"])  # one study per patient
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[series_uid, "frame of reference"])  # one per series
     ds.ImageOrientationPatient = [float(v) for v in (orientation if orientation is not None
                                                      else np.concatenate([ROW_DIR, COL_DIR]))]
     pos = ORIGIN + z * GAP * NORMAL if position is None else np.asarray(position)

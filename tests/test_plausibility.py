@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cmr_utils import plausibility
-from cmr_utils.plausibility import check_prediction
+from cmr_utils.plausibility import check_function, check_prediction
 
 SPACING = (8.0, 1.5, 1.5)  # (z, y, x) mm, a usual cine short-axis grid
 
@@ -82,6 +82,27 @@ def test_a_partial_stack_expects_a_part_of_a_heart():
         "left ventricle (LV+MYO) implausibly small: 0.09 mL, under 1.5 mL for a stack of 0.5 cm"]
 
 
+def test_an_lv_cavity_of_a_few_voxels_in_a_plausible_heart_is_flagged():
+    """What a contrast-inverted scan gives: the heart found, its LV cavity nearly empty (0.1 mL)."""
+    labels = synthetic_heart()
+    inverted = np.where(labels == 3, 2, labels).astype(np.uint8)  # the cavity read as myocardium...
+    inverted[5, 64, 70:75] = 3  # ...but for 5 voxels of 0.018 mL
+    assert check_prediction(inverted, SPACING) == ["LV cavity implausibly small: 0.09 mL, under 3.2 mL for a stack of 8.0 cm"]
+    one_slice = inverted[5:6]  # a 0.8 cm stack expects at least 0.32 mL of LV cavity
+    assert check_prediction(one_slice, SPACING)[-1] == "LV cavity implausibly small: 0.09 mL, under 0.32 mL for a " \
+                                                       "stack of 0.8 cm"
+
+
+def test_physiological_ranges():
+    assert check_function(120.0, 60.0, 110.0) == []
+    assert check_function(40.0, 10.0, 300.0) == []  # the edges are in range
+    assert check_function(0.1, 95.0, 12.0) == ["LV EDV 0.1 mL outside 40-400 mL", "LV EF 95.0% outside 10-85%",
+                                               "myocardial mass 12.0 g outside 30-300 g"]
+    assert check_function(450.0, 5.0, 310.0) == ["LV EDV 450.0 mL outside 40-400 mL", "LV EF 5.0% outside 10-85%",
+                                                 "myocardial mass 310.0 g outside 30-300 g"]
+    assert check_function(None, float("nan"), None) == []  # unknown values are not checked
+
+
 def test_without_spacing_the_heart_share_of_the_pixels_decides():
     """0.3% of the pixels is the edge: 29 heart pixels of 10 000 are flagged, 30 are not."""
     labels = np.zeros((1, 100, 100), np.uint8)
@@ -121,7 +142,7 @@ def test_no_real_acdc_ground_truth_is_flagged():
     if not spacing_csv.is_file():
         pytest.fail(f"{spacing_csv}: missing; the spacings of {folder.name} are read from it")
     spacings = pd.read_csv(spacing_csv).set_index("file")
-    measured, flagged = [], {}
+    measured, flagged, patients = [], {}, {}
     for path in files:
         with h5py.File(path, "r") as f:
             label = f["label"][()]
@@ -133,9 +154,20 @@ def test_no_real_acdc_ground_truth_is_flagged():
             flagged[path.name] = found
         voxel_ml, stack_cm = np.prod(spacing) / 1000, label.shape[0] * spacing[0] / 10
         heart, left = (label > 0).sum() * voxel_ml, np.isin(label, (2, 3)).sum() * voxel_ml
-        measured.append((heart, left, heart / stack_cm, left / stack_cm, (label > 0).mean()))
+        lv = (label == 3).sum() * voxel_ml
+        measured.append((heart, left, heart / stack_cm, left / stack_cm, (label > 0).mean(), lv, lv / stack_cm))
+        patients.setdefault(path.name.split("_")[0], []).append((path.name, lv, (label == 2).sum() * voxel_ml))
     assert not flagged, f"{len(flagged)} of {len(files)} real ground truths flagged: {dict(list(flagged.items())[:5])}"
     minima = np.min(measured, axis=0)
     thresholds = (plausibility.MIN_HEART_ML, plausibility.MIN_LEFT_HEART_ML, plausibility.MIN_HEART_ML_PER_CM,
-                  plausibility.MIN_LEFT_HEART_ML_PER_CM, plausibility.MIN_HEART_SHARE)
+                  plausibility.MIN_LEFT_HEART_ML_PER_CM, plausibility.MIN_HEART_SHARE, plausibility.MIN_LV_ML,
+                  plausibility.MIN_LV_ML_PER_CM)
     assert (minima >= 2 * np.array(thresholds)).all(), f"real minima {minima} against thresholds {thresholds}"
+    # every patient's EDV, EF and mass at ED (the lower frame number is ED) lie in the physiological ranges
+    outside = {}
+    for patient, frames in patients.items():
+        (_, edv, myo_ed), (_, esv, _) = sorted(frames)
+        found = check_function(edv, 100 * (edv - esv) / edv, myo_ed * 1.05)
+        if found:
+            outside[patient] = found
+    assert len(patients) == len(files) // 2 and not outside, outside

@@ -43,12 +43,18 @@ def test_nifti_pairs_round_trip(tmp_path):
             assert metrics.structure_scores(got.T, truth.T)[metrics.STRUCTURES[k]]["dice"] == 1.0
     csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
     assert list(csv.columns) == ["case", "patient", "phase", "frame", "volume_unit", "lv_volume", "rv_volume",
-                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef", "check"]
+                                 "myo_volume", "myo_mass_g", "lv_ef", "rv_ef", "ed_es_from", "check", "quality"]
     # these boxes hold 10 mL of heart, too small for a real one even in 3.2 cm of stack; p02 has no labels
     assert csv["check"].iloc[0] == ("heart (RV+MYO+LV) implausibly small: 10.1 mL, under 12.8 mL for a stack of 3.2 "
                                     "cm; left ventricle (LV+MYO) implausibly small: 5.8 mL, under 9.6 mL for a stack "
                                     "of 3.2 cm")
     assert csv["check"].iloc[2] == "no heart predicted (no RV, MYO or LV voxel)"
+    # per case: the frame's findings, then the patient's (p01's ED and ES files make one pair) out of range
+    physiology = "LV EDV 1.4 mL outside 40-400 mL; LV EF 0% outside 10-85%; myocardial mass 4.5 g outside 30-300 g"
+    assert list(csv["quality"]) == [f"warning: {csv['check'].iloc[0]}; {physiology}",
+                                    f"warning: {csv['check'].iloc[1]}; {physiology}",
+                                    "warning: no heart predicted (no RV, MYO or LV voxel)"]
+    assert list(csv["ed_es_from"]) == ["headers", "headers", "none"]
     pd.testing.assert_frame_equal(csv, table.astype({"frame": float}), check_dtype=False)
     ed_label, es_label = heart(shift=0)[1], heart(shift=2)[1]
     voxel_ml = 1.25 * 1.5 * 8.0 / 1000
@@ -115,7 +121,7 @@ def write_real_size_pairs(folder):
     """p01 ED and ES with labels of a heart of realistic size (346 and 260 mL) on the fixtures' oblique grid."""
     for phase, heart_slices in (("ED", slice(1, -1)), ("ES", slice(2, -2))):
         label = synthetic_heart((10, 128, 128), SPACING_XYZ[::-1], heart_slices)
-        write_nifti(folder / f"p01_{phase}.nii.gz", (label * 100 + 50).astype(np.float32))
+        write_nifti(folder / f"p01_{phase}.nii.gz", label.astype(np.float32) * 100 + 50)
         write_nifti(folder / f"p01_{phase}_gt.nii.gz", label)
     return folder
 
@@ -129,10 +135,13 @@ def test_a_prediction_that_misses_the_heart_is_flagged_never_silent(tmp_path, ca
 
     table = predict_folder(misses_es, inp, tmp_path / "out", progress=False)
     csv = pd.read_csv(tmp_path / "out" / "volumes.csv")
-    assert list(csv.columns[-2:]) == ["rv_ef", "check"] and list(csv["check"]) == ["ok", missing]
+    assert list(csv.columns[-3:]) == ["ed_es_from", "check", "quality"] and list(csv["check"]) == ["ok", missing]
     assert list(table["check"]) == ["ok", missing]
+    ef = "LV EF 100.0% outside 10-85%"  # ES has no LV: the heart emptied itself
+    assert list(csv["quality"]) == [f"warning: {ef}", f"warning: {missing}; {ef}"]
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "p01_ES_pred.nii.gz")).dataobj).any()  # written
-    assert capsys.readouterr().err == f"predict: WARNING p01_ES ES: {missing}\n"  # progress off, warnings on
+    assert capsys.readouterr().err == (f"predict: WARNING p01_ES ES: {missing}\n"  # progress off, warnings on
+                                       f"predict: WARNING p01: {ef}\n")
 
     table = predict_folder(lambda vol: np.zeros(vol.image.shape, np.uint8), inp, tmp_path / "out")
     err = capsys.readouterr().err
@@ -143,7 +152,8 @@ def test_a_prediction_that_misses_the_heart_is_flagged_never_silent(tmp_path, ca
 
     table = predict_folder(oracle, inp, tmp_path / "out")  # the ground truth: a plausible heart in both frames
     err = capsys.readouterr().err
-    assert (pd.read_csv(tmp_path / "out" / "volumes.csv")["check"] == "ok").all() and "WARNING" not in err
+    saved = pd.read_csv(tmp_path / "out" / "volumes.csv")
+    assert (saved["check"] == "ok").all() and (saved["quality"] == "ok").all() and "WARNING" not in err
     assert err.splitlines()[-1].endswith("; all 2 frame(s) pass the plausibility check")
 
 
@@ -368,3 +378,186 @@ def test_a_physical_run_sees_every_framing_at_its_training_scale(physical_run, t
     h5_vol = next(open_source(inp).volumes())
     with pytest.warns(UserWarning, match="no voxel spacing; this run was trained at 2.0 mm per pixel"):
         assert trained.segment(h5_vol).shape == h5_vol.image.shape
+
+
+# ---------------------------------------------------------------------------------------------- prediction that checks itself
+def bands(vol):
+    """A segmenter that learned the fixtures' contrast (intensity = label x 100 + 50): each voxel gets the label of
+    the nearest band of its normalised intensity, so it returns the ground truth of such scans."""
+    from cmr_utils.prepare import normalise_volume
+
+    return np.clip(np.rint(normalise_volume(vol.image) * 3), 0, 3).astype(np.uint8)
+
+
+def test_a_contrast_inverted_scan_is_flagged(tmp_path, capsys):
+    inp = write_real_size_pairs(tmp_path / "in")
+    for phase in ("ED", "ES"):  # p02: p01's scans with their contrast inverted, as a user may hand them over
+        image = nib.load(str(inp / f"p01_{phase}.nii.gz"))
+        data = np.asanyarray(image.dataobj)
+        nib.save(nib.Nifti1Image(data.max() + data.min() - data, image.affine), str(inp / f"p02_{phase}.nii.gz"))
+    table = predict_folder(bands, inp, tmp_path / "out", progress=False)
+    err = capsys.readouterr().err
+    quality = table.groupby("patient")["quality"].agg(set)
+    assert quality["p01"] == {"ok"} and set(table[table["patient"] == "p01"]["check"]) == {"ok"}
+    (p02,) = quality["p02"]
+    assert p02.startswith("warning: ") and "LV EDV" in p02 and "outside 40-400 mL" in p02
+    assert "predict: WARNING p02: LV EDV" in err and "p01" not in err
+    assert (pd.read_csv(tmp_path / "out" / "volumes.csv")["quality"] == table["quality"]).all()
+
+    def few_lv_voxels(vol):  # what the issue saw on an inverted scan: the heart found, its LV cavity 0.1 mL
+        labels = np.where(bands(vol) == 3, 2, bands(vol)).astype(np.uint8)
+        labels[5, 64, 70:76] = 3  # 6 voxels of 0.015 mL
+        return labels
+
+    table = predict_folder(few_lv_voxels, inp, tmp_path / "out", progress=False)
+    p01 = table[table["patient"] == "p01"]
+    assert list(p01["lv_volume"]) == pytest.approx([0.09, 0.09])
+    assert set(p01["check"]) == {"LV cavity implausibly small: 0.09 mL, under 3.2 mL for a stack of 8.0 cm"}
+    assert "LV EDV 0.09 mL outside 40-400 mL" in p01["quality"].iloc[0]
+    assert "predict: WARNING p01_ED ED: LV cavity implausibly small" in capsys.readouterr().err
+
+
+def test_ed_and_es_of_a_cine_from_its_lv_volume(tmp_path):
+    """A 4D cine that names no ED and ES: the frames of largest and smallest LV volume become them."""
+    slices = [slice(1, 7), slice(1, 9), slice(2, 9), slice(2, 6)]  # 6, 8, 7 and 4 slices of heart
+    labels = np.stack([synthetic_heart((10, 128, 128), SPACING_XYZ[::-1], s) for s in slices])
+    write_nifti(tmp_path / "in" / "cine.nii.gz", labels.astype(np.float32) * 100 + 50)
+    table = predict_folder(bands, tmp_path / "in", tmp_path / "out", progress=False)
+    assert list(table["phase"]) == ["F01", "ED", "F03", "ES"] and list(table["frame"]) == [1, 2, 3, 4]
+    assert set(table["ed_es_from"]) == {"lv_volume"} and set(table["quality"]) == {"ok"}
+    assert table.loc[1, "lv_ef"] == pytest.approx(100 * (8 - 4) / 8) == table.loc[3, "lv_ef"]
+    assert table["lv_ef"].isna().sum() == 2
+    mask = nib.load(str(tmp_path / "out" / "cine_pred.nii.gz"))
+    assert mask.shape == (128, 128, 10, 4)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), labels.transpose(3, 2, 1, 0))
+
+
+def counting(calls):
+    def segment(vol):
+        calls.append(vol.path)
+        return oracle(vol)
+    return segment
+
+
+def test_a_broken_file_sorted_last_fails_before_any_prediction(tmp_path):
+    inp = write_pairs(tmp_path / "in")
+    (inp / "zz.nii.gz").write_bytes((inp / "p02.nii.gz").read_bytes()[:200])  # truncated, sorted last
+    calls, out = [], tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(DataError, match="zz.nii.gz: cannot read NIfTI"):
+        predict_folder(counting(calls), inp, out, progress=False)
+    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing predicted, nothing created
+
+
+@pytest.mark.parametrize("bad", ["truncated file", "two orientations", "non-image DICOM", "localiser series"])
+def test_bad_dicom_input_is_a_clear_error_and_nothing_is_written(bad, tmp_path, capsys, caplog, monkeypatch):
+    """make predict's command on a DICOM folder with one bad thing in it, sorted last: exit code 2, one line that
+    names the file (the localiser series, skipped, is named by the reader's warning), nothing predicted, no folder."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
+    from test_dicom import dicom_image, write_series
+
+    from cmr_utils import predict_scans
+
+    files = write_series(tmp_path / "in" / "cine", n_slices=2, n_phases=2, series_uid="1.2.3.4")
+    named = tmp_path / "in" / "zz" / "last"
+    if bad == "truncated file":
+        (z, t), path = max(files.items(), key=lambda item: item[1])
+        named = path
+        path.write_bytes(path.read_bytes()[:-30])  # the pixel data cut short
+    elif bad == "two orientations":
+        dicom_image(named, z=1, t=1, instance=9, series_uid="1.2.3.4", orientation=[1, 0, 0, 0, 1, 0])
+    elif bad == "non-image DICOM":  # a report filed in the image series
+        ds = pydicom.dcmread(files[(0, 0)])
+        del ds.PixelData
+        ds.Modality, ds.SOPClassUID, ds.SOPInstanceUID = "SR", "1.2.840.10008.5.1.4.1.1.88.11", generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID  # Basic Text SR
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        named.parent.mkdir(parents=True)
+        ds.save_as(named, enforce_file_format=True)
+    else:  # the localiser is all the folder holds for this patient
+        for path in files.values():
+            path.unlink()
+        write_series(named.parent, n_slices=3, n_phases=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+        named = named.parent
+    calls, out = [], tmp_path / "new" / "out"
+    monkeypatch.setattr(predict_scans, "open_run", lambda *args, **kwargs: counting(calls))
+    assert main(["--run", "random-all-s0", "--input", str(tmp_path / "in"), "--output", str(out),
+                 "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(named) in lines[0] + caplog.text
+    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_ctrl_c_during_prediction_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from cmr_utils import predict_scans
+
+    inp = write_pairs(tmp_path / "in")
+    calls = []
+
+    def interrupted(vol):  # Ctrl-C while the second frame is predicted
+        calls.append(vol)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return oracle(vol)
+
+    monkeypatch.setattr(predict_scans, "open_run", lambda *args, **kwargs: interrupted)
+    out = tmp_path / "new" / "deeper" / "out"
+    assert main(["--run", "random-all-s0", "--input", str(inp), "--output", str(out), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"interrupted: nothing was written to {out}"
+    assert err.count("interrupted") == 1 and "Traceback" not in err
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    # an earlier prediction in OUTPUT stays as it was
+    predict_folder(oracle, inp, tmp_path / "done", progress=False)
+    before = snapshot(tmp_path / "done")
+    calls.clear()
+    assert main(["--run", "random-all-s0", "--input", str(inp), "--output", str(tmp_path / "done"),
+                 "--device", "cpu"]) == 130
+    assert snapshot(tmp_path / "done") == before and sorted(p.name for p in tmp_path.iterdir()) == ["done", "in"]
+
+
+@pytest.mark.parametrize("surfaces_as", ["KeyboardInterrupt", "ImportError"])
+def test_ctrl_c_during_start_up_is_one_line(surfaces_as, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the heavy modules are imported; inside an extension module's import it may surface as an
+    ImportError of the half-initialised module (scipy's), which counts as the interrupt too."""
+    import os
+    import signal
+    import time
+
+    from cmr_utils import predict_command
+
+    def start(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            if surfaces_as == "ImportError":
+                raise ImportError('generic_type: type "ObjSense" is already registered!') from None
+            raise
+
+    monkeypatch.setattr(predict_command, "_run", start)
+    out = tmp_path / "new" / "out"
+    assert main(["--run", "x-s0", "--input", str(tmp_path), "--output", str(out)]) == 130
+    assert capsys.readouterr().err == f"interrupted: nothing was written to {out}\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler back in place
+
+
+def test_ctrl_c_while_the_command_imports(tmp_path):
+    """The real command, interrupted one second in (numpy, pandas or torch being imported): one line, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cmr_utils.paths import PROJ_ROOT
+
+    inp, out = write_pairs(tmp_path / "in"), tmp_path / "new" / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "cmr_utils.predict_command", "--run", "random-all-s0", "--input",
+                             str(inp), "--output", str(out), "--device", "cpu"], cwd=PROJ_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout, stderr) == (130, "", f"interrupted: nothing was written to {out}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
