@@ -1,7 +1,7 @@
 """Segment new scans with a trained run: label maps as NIfTI on each input's own grid, and volumes.
 
 ``predict_folder(run, input, output)`` (``make predict RUN=... INPUT=... OUTPUT=...``, or
-``python -m cmr_utils.predict_scans``) reads every scan of ``input`` in any layout of ``cmr_utils.readers``,
+``python -m cmr_utils.predict_command``) reads every scan of ``input`` in any layout of ``cmr_utils.readers``,
 applies exactly the run's preprocessing, predicts, maps the prediction back to the scan's original grid and
 writes into ``output``:
 
@@ -368,9 +368,3 @@ def predict_run(run: str, input_dir, output_dir, *, profile: str = "default", da
     return predict_folder(trained, input_dir, output_dir, label_map=label_map, progress=progress,
                           dicom_seg=dicom_seg)
 
-
-from .predict_command import main  # noqa: E402  the command line (make predict); imports nothing heavy
-
-
-if __name__ == "__main__":
-    sys.exit(main())

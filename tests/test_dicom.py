@@ -499,18 +499,19 @@ def test_predict_folder_on_sunnybrook(sunnybrook, tmp_path):
 
 
 def test_make_predict_path_on_sunnybrook(sunnybrook, tmp_path, monkeypatch, capsys):
-    """``make predict INPUT=<Sunnybrook>``'s command (``predict_scans.main``) with a stand-in for the trained run:
+    """``make predict INPUT=<Sunnybrook>``'s command (``predict_command.main``) with a stand-in for the trained run:
     one 4D mask per patient, the ED and ES frames named, so that volumes.csv has the LV ejection fraction."""
     import pandas as pd
 
     from cmr_utils import predict_scans
+    from cmr_utils.predict_command import main
 
     def bright_lv(vol):  # a stand-in model: "LV" where the frame is brightest
         return np.where(vol.image > np.percentile(vol.image, 99), 3, 0).astype(np.uint8)
 
     monkeypatch.setattr(predict_scans, "open_run", lambda *args, **kwargs: bright_lv)
-    assert predict_scans.main(["--run", "any-s0", "--input", str(sunnybrook.folder), "--output",
-                               str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert main(["--run", "any-s0", "--input", str(sunnybrook.folder), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
     assert "5 scan(s)" in capsys.readouterr().err
     table = pd.read_csv(tmp_path / "out" / "volumes.csv")
     assert len(table) == 100 and sorted(table["case"].unique()) == sorted(SUNNYBROOK)

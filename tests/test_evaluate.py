@@ -294,6 +294,7 @@ def test_models_run_on_the_gpu_only_where_the_profile_allows_one(monkeypatch, tm
     import torch
 
     from cmr_utils import predict_scans
+    from cmr_utils.predict_command import main
     from cmr_utils.training import inference_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -304,8 +305,8 @@ def test_models_run_on_the_gpu_only_where_the_profile_allows_one(monkeypatch, tm
     monkeypatch.setattr(predict_scans, "predict_run", lambda *args, device, **kwargs: asked.update(device=device))
     for profile, expected in (("default", "cpu"), ("paper", "cuda")):  # accelerator: cpu / auto
         argv = ["--run", "random-all-s0", "--profile", profile, "--input", str(tmp_path), "--output", str(tmp_path)]
-        assert predict_scans.main(argv) == 0 and asked["device"] == expected
-        assert predict_scans.main([*argv, "--device", "cpu"]) == 0 and asked["device"] == "cpu"
+        assert main(argv) == 0 and asked["device"] == expected
+        assert main([*argv, "--device", "cpu"]) == 0 and asked["device"] == "cpu"
 
 
 def test_deletion_insertion_scores_the_model_in_bf16_when_asked():

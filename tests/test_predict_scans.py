@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from cmr_utils import metrics
-from cmr_utils.predict_scans import main, open_run, predict_folder, predict_run
+from cmr_utils.predict_command import main
+from cmr_utils.predict_scans import open_run, predict_folder, predict_run
 from cmr_utils.readers import DataError, open_source
 from test_plausibility import synthetic_heart
 from test_readers_layouts import SPACING_XYZ, heart, oblique_affine, write_mnms, write_nifti, write_pairs
