@@ -2,6 +2,7 @@
 caption), and of the alternative text the figure functions of cmr_utils.plots write."""
 from __future__ import annotations
 
+import os
 import re
 
 import matplotlib.pyplot as plt
@@ -64,6 +65,9 @@ def test_a_table_is_written_by_its_producer_and_read_back(ws):
     assert back.loc["random", ("test_dice", "mean")] == pytest.approx(0.7)
     pd.testing.assert_frame_equal(back, made, check_dtype=False)
     assert [p.name for p in ws.tables.iterdir()] == ["iou_by_init.csv"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (ws.tables / "iou_by_init.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plainly written file
     with pytest.raises(TypeError, match="acdc_metrics.csv: a table is saved from a DataFrame"):
         figures.save(ws, "acdc_metrics.csv", [1, 2])
 
