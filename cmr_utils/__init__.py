@@ -28,14 +28,16 @@ one small module (or subpackage) per concern:
 - ``metrics``        IoU, Dice, HD95, volumes, ejection fraction
 - ``evaluate``       stage 04: every run's model on the test split, on the model's and the original grid
 - ``stats``          patient-level bootstrap intervals and paired comparisons across initialisations
+- ``tables``         the report's tables of segmentation scores, from stage 04's per-run frames
 - ``predict_scans``  segments new scans with a trained run, written as NIfTI on each input's own grid
 - ``predict_command`` make predict's command line: light to import, one line on error or Ctrl-C
 - ``dicom_seg``      a prediction as DICOM Segmentation objects referencing the source images
 - ``plausibility``   flags a predicted label map that missed the heart (none, no LV, implausibly small)
 - ``explain/``       stage 05: Seg-Grad-CAM (``cam``), its measures, faithfulness checks, slice selection,
-                     numbers and figures
+                     numbers and figures; ``views``: stage 05's figures and numbers over the runs
 - ``viewer``         the slice-by-slice explanation widget and its headless stand-in
-- ``plots``          the compendium's figures (matplotlib, headless-safe)
+- ``plots``          the compendium's figures (matplotlib, headless-safe), each with its alternative text
+- ``figures``        the registry of the report's figure and table files: stage, producer, caption
 - ``report``         stage 06: figures and tables gathered from the stages, and the colophon
 """
 

@@ -192,6 +192,34 @@ def evaluate_run(run_dir: Path, prepared, source: Source | None = None, *, devic
         model, normalise_volume(vol.image, low, high), geometry, batch_size, flips, bf16), split)
 
 
+def trained_runs(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``read_results``' runs split into those that trained (status ``ok``, ``n_labelled`` an integer) and those
+    that are unavailable (name, init, budget, seed, reason: e.g. ImageNet weights not cached)."""
+    unavailable = results[results["status"] != "ok"].reindex(columns=["name", "init", "budget", "seed", "reason"])
+    trained = results[results["status"] == "ok"].copy()
+    trained["n_labelled"] = trained["n_labelled"].astype(int)
+    return trained, unavailable
+
+
+def evaluate_runs(results: pd.DataFrame, prepared, finetune_dir, *, device: str = "cpu",
+                  flips: bool = False) -> dict[str, pd.DataFrame]:
+    """Every trained run of ``results`` scored on the test split (``evaluate_run``; the labelled source read once).
+    Returns stage 04's frames, each row keyed by run, init, budget and seed: ``runs`` (``results`` with
+    ``test_iou_model_grid`` and ``test_dice_native``, the mean 3D Dice over RV, MYO and LV), ``per_slice`` (model
+    grid), ``per_volume`` and ``ef`` (original grid)."""
+    source = labelled_source(prepared)
+    frames, iou = {"per_slice": [], "per_volume": [], "ef": []}, {}
+    for run in results.itertuples():
+        scored = evaluate_run(Path(finetune_dir(run.name)), prepared, source, device=device, flips=flips)
+        iou[run.name] = scored["iou_model_grid"]
+        for name, rows in frames.items():
+            rows.append(scored[name].assign(run=run.name, init=run.init, budget=run.budget, seed=run.seed))
+    frames = {name: pd.concat(rows, ignore_index=True) for name, rows in frames.items()}
+    runs = results.assign(test_iou_model_grid=results["name"].map(iou),
+                          test_dice_native=results["name"].map(frames["per_volume"].groupby("run")["dice"].mean()))
+    return {"runs": runs, **frames}
+
+
 # ---------------------------------------------------------------------------------------------- external data
 def score_source(segment: Callable[[CardiacVolume], np.ndarray], source: Source) -> dict:
     """Every labelled volume of an external ``source`` segmented by ``segment`` (a ``CardiacVolume`` -> its label

@@ -14,6 +14,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     path = Path(path)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)  # the permissions of a file written plainly, not mkstemp's owner-only 0600
     try:
         write(Path(temp_name))
         os.replace(temp_name, path)

@@ -1,5 +1,9 @@
-"""Figures of the compendium (matplotlib; headless-safe). Each function returns a Figure."""
+"""Figures of the compendium (matplotlib; headless-safe). Each figure function returns a ``Drawn``: the Figure and
+its alternative text, which ``save_figure`` stores in the PNG (``cmr_utils.figures`` names every figure file of the
+report and the function here that draws it)."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import matplotlib
 
@@ -15,6 +19,13 @@ from .structures import STRUCTURES  # noqa: E402
 
 LABEL_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.10, 0.75, 0.20), 3: (0.15, 0.35, 0.95)}
 BUILT_IN_COLOURS = {"random": "tab:gray", "imagenet": "tab:orange"}
+
+
+class Drawn(NamedTuple):
+    """A figure and the words that say what it shows (its alternative text)."""
+
+    figure: object
+    alt: str
 
 
 def init_colour(init: str) -> str | None:
@@ -58,7 +69,10 @@ def sample_slices(prepared, sources, per_source: int = 4):
                        f"{source.layout}: {vol.patient} {vol.phase} z={k}")
     fig.suptitle("Sample slices per source (RV red, MYO green, LV blue; LA yellow)", fontsize=10)
     fig.tight_layout()
-    return fig
+    layouts = ", ".join(s.layout for s in sources)
+    return Drawn(fig, f"Sample slices of each data source ({layouts}): {per_source} slices through one volume of the "
+                      "source's first patient, with the ground truth overlaid (RV red, MYO green, LV blue; left atrium "
+                      "yellow).")
 
 
 def loss_curves(histories: dict[str, pd.DataFrame], title: str, columns=("train_loss", "val_loss")):
@@ -76,7 +90,10 @@ def loss_curves(histories: dict[str, pd.DataFrame], title: str, columns=("train_
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return fig
+    return Drawn(fig, "Line chart of the pretraining loss per epoch, training solid and validation dashed: " + "; ".join(
+        f"{m} over {len(h)} epoch(s), training loss {h['train_loss'].iloc[0]:.3f} to {h['train_loss'].iloc[-1]:.3f}, "
+        f"validation loss {h['val_loss'].iloc[0]:.3f} to {h['val_loss'].iloc[-1]:.3f}" for m, h in histories.items()
+        if len(h)) + ".")
 
 
 def validation_curves(histories: dict[str, pd.DataFrame]):
@@ -91,7 +108,10 @@ def validation_curves(histories: dict[str, pd.DataFrame]):
         ax.grid(alpha=0.3)
     ax_iou.legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    best = ", ".join(f"{init} {h['val_iou'].max():.2f}" for init, h in histories.items())
+    return Drawn(fig, "Two line charts over the fine-tuning epochs with all labels, one line per initialisation (mean "
+                      "over seeds): validation Dice loss (left) and validation IoU (right); best validation IoU "
+                      f"{best}.")
 
 
 def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
@@ -129,7 +149,10 @@ def budget_curve(summary: pd.DataFrame, value: str = "test IoU"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    points = "; ".join(f"{init} " + ", ".join(f"{r.budget} ({r.n_labelled} slices) {r.mean:.2f}" for r in g.itertuples())
+                       for init, g in summary.sort_values("n_labelled").groupby("init"))
+    return Drawn(fig, f"Line chart of the {value} against the number of labelled training slices (log scale), one "
+                      f"line per initialisation with its 95 % bootstrap band: {points or 'no runs'}.")
 
 
 def label_efficiency(table: pd.DataFrame, n_train_patients: int | None = None, display: dict | None = None):
@@ -157,7 +180,10 @@ def label_efficiency(table: pd.DataFrame, n_train_patients: int | None = None, d
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    points = "; ".join(f"{(display or {}).get(init, init)} " + ", ".join(f"{r.budget} {r.mean:.2f}" for r in g.itertuples())
+                       for init, g in table.groupby("init", sort=False))
+    return Drawn(fig, "Line chart of the test Dice against labelled training patients (log scale), one line per "
+                      f"initialisation with its 95 % bootstrap band: {points}.")
 
 
 def ef_scatter(ef: pd.DataFrame):
@@ -175,7 +201,10 @@ def ef_scatter(ef: pd.DataFrame):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return fig
+    points = ef.dropna(subset=["ef_true", "ef_pred"]).shape[0]
+    return Drawn(fig, "Scatter plot of predicted against true ejection fraction (%), one panel per structure ("
+                      f"{', '.join(sorted(ef['structure'].unique())) or 'none'}), one colour per initialisation, dashed "
+                      f"identity line; {points} points over seeds and test patients.")
 
 
 def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, truth, finetune_dir,
@@ -202,7 +231,9 @@ def sample_prediction(per_slice: pd.DataFrame, results: pd.DataFrame, images, tr
         show_slice(ax, images[index], pred, f"{init} ({run['name']})")
     fig.suptitle(f"test slice {index} (median IoU on the model grid of {best_init})", fontsize=10)
     fig.tight_layout()
-    return fig
+    return Drawn(fig, f"Test slice {index} (the median by IoU of the best initialisation, {best_init}): the image, its "
+                      f"ground truth and the prediction of each initialisation ({', '.join(by_init.index)}) overlaid (RV "
+                      "red, MYO green, LV blue).")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,7 +249,8 @@ ALT_KEY = "Description"
 
 def save_figure(fig, path, alt: str, dpi: int = 120):
     """Write ``fig`` as a PNG at ``path`` (atomically) with its alternative text ``alt`` stored in the file, and
-    close it; returns ``path`` (for ``show_figure``)."""
+    close it; returns ``path`` (for ``show_figure``). Every figure of the compendium is saved here (the report's
+    through ``cmr_utils.figures.make_figure``)."""
     from .files import atomic_write
 
     alt = _checked_alt(alt, path)

@@ -438,3 +438,50 @@ def explanation_note(numbers: pd.DataFrame, inits, target: str = "predicted",
     if len(gaps) == len(list(inits)):
         return f"**No explanation numbers**: {why}."
     return f"**Not in the table**: {why}."
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the report's sentences about the data, the pretraining and the runs
+
+def describe_data(profile: str, manifest: dict) -> str:
+    """The profile, the data sources (layout, patients, role, geometry) and the geometry of the prepared slices."""
+    from .prepare import describe_geometry
+
+    sources = ", ".join(f"{s['layout']} ({s['patients']} patients, {s['role']}, {s.get('geometry', 'pixel')} geometry)"
+                        for s in manifest["sources"])
+    return f"**Profile** `{profile}` · **data** {sources} · **geometry** {describe_geometry(manifest)}"
+
+
+def describe_pretraining(ws: Workspace, methods) -> str:
+    """One Markdown bullet per pretraining method: what it transferred, on how many unlabelled slices from which
+    source, the epochs run and kept, and the collapse monitor's verdict (from the encoder's JSON sidecar and the
+    history of stage 02)."""
+    from .ssl import get_method
+
+    lines = []
+    for m in methods:
+        meta = json.loads(ws.encoder_path(m).with_suffix(".json").read_text())
+        monitored = pd.read_csv(ws.pretrain_dir(m) / "history.csv")["embedding_std_ratio"].notna().any()
+        state = ("COLLAPSED" if meta["collapsed"] else "no collapse") if monitored else "none (no embedding)"
+        seen = meta.get("pool_slices", {})
+        sources = ", ".join(f"{n} from {folder}" for folder, n in seen.get("train_by_source", {}).items())
+        method = get_method(m)
+        lines.append(f"- **{method.display}** ({' and '.join(method.transfers)}): trained on {seen.get('train', '?')} "
+                     f"unlabelled slices ({sources or 'sources not recorded'}), validated on {seen.get('val', '?')}; "
+                     f"{meta['epochs_run']} epochs, kept epoch {meta['best_epoch']} (validation loss "
+                     f"{meta['best_val_loss']:.4f}); collapse monitor: {state}")
+    return "\n".join(lines)
+
+
+def unavailable_note(unavailable: pd.DataFrame) -> str:
+    """One quoted line per initialisation that could not be trained (stage 04's ``unavailable.csv``), with why."""
+    return "\n\n".join(f"> **{init}: unavailable** — not trained, not replaced by random weights. {reason}"
+                       for init, reason in unavailable.groupby("init")["reason"].first().items())
+
+
+def health_note(health: pd.DataFrame) -> str:
+    """The health check in a sentence (stage 04's ``health_checks.csv``: empty when every run learned)."""
+    if health.empty:
+        return "**Health check**: every run's training loss fell and every run segments RV, MYO and LV."
+    return ("**Health check: problems found** (a flat training loss, or a structure a model never predicts — numbers "
+            "from such runs describe a model that did not learn):")

@@ -35,9 +35,9 @@ profile = "default"
 data = ""
 
 # %%
-from cmr_utils import paths, plots
+from cmr_utils import figures, paths
 from cmr_utils.params import load_profile
-from cmr_utils.prepare import Prepared, data_sources, prepare_dataset, summary_table
+from cmr_utils.prepare import Prepared, data_sources, prepare_dataset
 
 params = load_profile(profile)
 ws = paths.workspace(profile, data)
@@ -61,13 +61,10 @@ manifest["counts"]
 # ## Patients, slices and class pixel fractions per split
 
 # %%
-table = summary_table(prepared)
-table.to_csv(ws.table("data_summary.csv"))
-table.style.format(precision=4)
+figures.make(ws, "data_summary.csv", prepared).style.format(precision=4)
 
 # %% [markdown]
 # ## Sample slices per source, ground truth overlaid (RV red, MYO green, LV blue)
 
 # %%
-fig = plots.sample_slices(prepared, sources)
-fig.savefig(ws.figure("data_samples.png"), dpi=120, bbox_inches="tight")
+figures.make(ws, "data_samples.png", prepared, sources)

@@ -31,7 +31,7 @@ method = "simsiam"
 # %%
 import json
 
-from cmr_utils import export, paths, plots, ssl
+from cmr_utils import export, figures, paths, ssl
 from cmr_utils.distributed import is_main_process
 from cmr_utils.params import load_profile, pretrain_settings
 from cmr_utils.prepare import Prepared, split_pool
@@ -88,6 +88,5 @@ if main:
 # ## Loss curves (train and validation loss per epoch)
 
 # %%
-fig = plots.loss_curves({method: history}, f"{method} pretraining loss")
 if main:
-    fig.savefig(ws.figure(f"pretrain_loss_{method}.png"), dpi=120, bbox_inches="tight")
+    figures.make(ws, f"pretrain_loss_{method}.png", {method: history}, f"{method} pretraining loss")

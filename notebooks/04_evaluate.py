@@ -37,10 +37,9 @@ data = ""
 external = ""
 
 # %%
-import pandas as pd
 from IPython.display import display
 
-from cmr_utils import evaluate, framing, label_efficiency, paths, plots, ssl, stats
+from cmr_utils import evaluate, figures, framing, label_efficiency, paths, ssl, tables
 from cmr_utils.params import load_profile
 from cmr_utils.plan import external_sources, plan_runs
 from cmr_utils.prepare import Prepared
@@ -51,33 +50,28 @@ ws = paths.workspace(profile, data)
 prepared = Prepared.open(ws.prepared)
 results = evaluate.read_results(plan_runs(profile, data).runs, ws.finetune_dir)  # the same runs as the Makefile's
 reference = evaluate.reference_budget(results)  # `all`, or the largest trained budget of a low-label profile
-unavailable = results[results["status"] != "ok"]
+results, unavailable = evaluate.trained_runs(results)
 for init, reason in unavailable.groupby("init")["reason"].first().items():
     print(f"UNAVAILABLE initialisation {init!r}: {reason}")
-results = results[results["status"] == "ok"].copy()
-results["n_labelled"] = results["n_labelled"].astype(int)
 device = inference_device(params["trainer"]["accelerator"])  # the GPU where there is one (and the profile allows it)
 
 # %%
-images, truth, slices = prepared.images("test"), prepared.labels("test"), prepared.slices("test")
-source = evaluate.labelled_source(prepared)  # the original test volumes and labels, read one at a time
-per_slice, per_volume, ef, iou_model_grid = [], [], [], {}
-for run in results.itertuples():
-    scored = evaluate.evaluate_run(ws.finetune_dir(run.name), prepared, source, device=device,
-                                   flips=params["evaluate"]["test_time_flips"])
-    keys = {"run": run.name, "init": run.init, "budget": run.budget, "seed": run.seed}
-    iou_model_grid[run.name] = scored["iou_model_grid"]
-    per_slice.append(scored["per_slice"].assign(**keys))  # model grid
-    per_volume.append(scored["per_volume"].assign(**keys))  # original grid
-    ef.append(scored["ef"].assign(**keys))  # original grid
-per_slice, per_volume, ef = (pd.concat(x, ignore_index=True) for x in (per_slice, per_volume, ef))
-results["test_iou_model_grid"] = results["name"].map(iou_model_grid)
-results["test_dice_native"] = results["name"].map(per_volume.groupby("run")["dice"].mean())  # RV, MYO, LV
+scored = evaluate.evaluate_runs(results, prepared, ws.finetune_dir, device=device,
+                                flips=params["evaluate"]["test_time_flips"])  # per_slice: model grid; others original
 ws.evaluation.mkdir(parents=True, exist_ok=True)
-for name, df in {"runs": results, "per_slice": per_slice, "per_volume": per_volume, "ef": ef}.items():
+for name, df in {**scored, "unavailable": unavailable}.items():
     df.to_csv(ws.evaluation / f"{name}.csv", index=False)
-unavailable.reindex(columns=["name", "init", "budget", "seed", "reason"]).to_csv(
-    ws.evaluation / "unavailable.csv", index=False)
+results, per_slice, per_volume, ef = scored["runs"], scored["per_slice"], scored["per_volume"], scored["ef"]
+
+# %% [markdown]
+# ## Headline: the study's IoU and the 3D Dice per initialisation and label budget
+# One row per initialisation and budget (`headline.csv`, the report's first table): the study's IoU of the whole
+# test split on the model grid (mean over seeds) beside the 3D Dice per patient and phase on the original grid (mean
+# over RV, MYO and LV) with its 95 % patient-level bootstrap interval (2,000 resamples; seeds pooled).
+
+# %%
+volume_dice = tables.volume_dice(per_volume)  # per patient and phase: mean 3D Dice over RV, MYO and LV
+figures.make(ws, "headline.csv", results, per_volume).style.format(precision=3).hide(axis="index")
 
 # %% [markdown]
 # ## External validation: every run on the `EXTERNAL=` folders
@@ -96,10 +90,8 @@ if external_sets:
     ext_ef.to_csv(ws.evaluation / "external_ef.csv", index=False)
     cross, drop = evaluate.external_tables(per_volume[per_volume["budget"] == reference],
                                            ext_per_volume[ext_per_volume["budget"] == reference])
-    cross.to_csv(ws.table("external_cross_dataset.csv"), index=False)
-    drop.to_csv(ws.table("external_drop.csv"), index=False)
-    display(cross.style.format(precision=3, na_rep="–").hide(axis="index"))
-    display(drop.style.format(precision=3, na_rep="–").hide(axis="index"))
+    for name, df in {"external_cross_dataset.csv": cross, "external_drop.csv": drop}.items():
+        display(figures.save(ws, name, df).style.format(precision=3, na_rep="–").hide(axis="index"))
 else:
     print("no EXTERNAL= folders: external validation skipped")
 
@@ -116,9 +108,7 @@ first_seed = results["seed"].min() if len(results) else 0
 framing_runs = results[(results["budget"] == "all") & (results["seed"] == first_seed)]  # none in a low-label profile
 framing_scores = framing.framing_test(framing_runs, profile, data, "test", device)
 framing_scores.to_csv(ws.evaluation / "framing.csv", index=False)
-framing_table = framing.framing_by_init(framing_scores)
-framing_table.to_csv(ws.table("framing_by_init.csv"), index=False)
-framing_table.style.format(precision=3).hide(axis="index")
+figures.make(ws, "framing_by_init.csv", framing_scores).style.format(precision=3).hide(axis="index")
 
 # %% [markdown]
 # ## Health check: did every model learn?
@@ -126,8 +116,7 @@ framing_table.style.format(precision=3).hide(axis="index")
 # bug to find, not a property of short runs. The table lists every run that shows either; empty is good.
 
 # %%
-health = evaluate.health_checks(results, per_volume)
-health.to_csv(ws.table("health_checks.csv"), index=False)
+health = figures.make(ws, "health_checks.csv", results, per_volume)
 print("every run learned and segments RV, MYO and LV" if health.empty else
       f"WARNING: {len(health)} problem(s) found:\n{health.to_string(index=False)}")
 
@@ -142,35 +131,14 @@ print("every run learned and segments RV, MYO and LV" if health.empty else
 # with its mean and its 95 % patient-level bootstrap interval (2,000 resamples over test patients; seeds pooled).
 
 # %%
-all_labels = results[results["budget"] == reference]
-volume_dice = (per_volume.groupby(["init", "budget", "seed", "patient", "phase"])["dice"].mean()
-               .reset_index())  # per patient and phase: mean 3D Dice over RV, MYO and LV
-
-
-def over_seeds(column):
-    return all_labels.groupby("init")[column].agg(mean="mean", seed_min="min", seed_max="max")
-
-
-def over_patients(df, value, counts=False):
-    summary = stats.bootstrap_mean_ci(df[df["budget"] == reference], value, by="init").set_index("init")
-    return summary[["mean", "ci_low", "ci_high"] + (["n_patients", "n_seeds"] if counts else [])]
-
-
-model_grid = ("best_train_iou", "best_val_iou", "test_iou_model_grid")  # one number per run
-table = pd.concat({**{col: over_seeds(col) for col in model_grid},
-                   "test_slice_iou": over_patients(per_slice, "iou"),
-                   "test_dice": over_patients(volume_dice, "dice", counts=True)}, axis=1)
-table.to_csv(ws.table("iou_by_init.csv"))
-table.style.format(precision=3)
+figures.make(ws, "iou_by_init.csv", results, per_slice, per_volume, reference).style.format(precision=3)
 
 # %% [markdown]
 # ## Validation loss and IoU per epoch (all labels, mean over seeds)
 
 # %%
-histories = {init: pd.concat([pd.read_csv(ws.finetune_dir(n) / "history.csv") for n in group["name"]])
-             .groupby("epoch").mean().reset_index() for init, group in all_labels.groupby("init")}
-fig = plots.validation_curves(histories)
-fig.savefig(ws.figure("validation_curves.png"), dpi=120, bbox_inches="tight")
+histories = tables.validation_histories(results[results["budget"] == reference], ws.finetune_dir)
+figures.make(ws, "validation_curves.png", histories)
 
 # %% [markdown]
 # ## Label-budget curve: test IoU (model grid) against the number of labelled slices
@@ -181,16 +149,8 @@ fig.savefig(ws.figure("validation_curves.png"), dpi=120, bbox_inches="tight")
 # rule below `freeze_below` slices); `<budget>-trained` rows (the same slices, the encoder trained) are the dashed lines.
 
 # %%
-budget_runs = (results.groupby(["init", "budget"])
-               .agg(n_labelled=("n_labelled", "first"), frozen_encoder=("frozen_encoder", "first"),
-                    split_iou_seed_mean=("test_iou_model_grid", "mean"))
-               .reset_index())
-budget_summary = stats.bootstrap_mean_ci(per_slice, "iou", by=["init", "budget"]).merge(budget_runs,
-                                                                                       on=["init", "budget"])
-budget_summary.insert(2, "n_labelled", budget_summary.pop("n_labelled"))
-budget_summary.to_csv(ws.table("iou_by_budget.csv"), index=False)
-fig = plots.budget_curve(budget_summary, "test IoU per slice (model grid)")
-fig.savefig(ws.figure("budget_curve.png"), dpi=120, bbox_inches="tight")
+budget_summary = figures.make(ws, "iou_by_budget.csv", results, per_slice)
+figures.make(ws, "budget_curve.png", budget_summary, "test IoU per slice (model grid)")
 budget_summary.style.format(precision=3)
 
 # %% [markdown]
@@ -203,11 +163,7 @@ budget_summary.style.format(precision=3)
 # of one budget. With fewer than about ten test patients the bootstrap runs narrow: read the Wilcoxon p there.
 
 # %%
-comparisons = pd.concat([stats.pairwise_comparisons(group, "init", ["seed", "patient", "phase"], "dice")
-                         .assign(budget=budget) for budget, group in volume_dice.groupby("budget")
-                         if group["init"].nunique() > 1], ignore_index=True)
-comparisons.to_csv(ws.table("paired_comparisons.csv"), index=False)
-comparisons
+figures.make(ws, "paired_comparisons.csv", per_volume)
 
 # %% [markdown]
 # ## Label efficiency: does pretraining pay with few labels?
@@ -217,27 +173,17 @@ comparisons
 
 # %%
 names = {name: method.display for name, method in ssl.METHODS.items()}
-by_budget = label_efficiency.dice_by_budget(volume_dice)
-by_budget.to_csv(ws.table("dice_by_budget.csv"), index=False)
-gains = label_efficiency.gains_over_random(volume_dice)
-gains.to_csv(ws.table("gains_over_random.csv"), index=False)
-if by_budget["labelled_patients"].notna().any():
-    fig = plots.label_efficiency(by_budget, prepared.manifest["counts"]["train_patients"], names)
-    points = "; ".join(f"{names.get(init, init)} " + ", ".join(f"{r.budget} {r.mean:.2f}" for r in g.itertuples())
-                       for init, g in by_budget.groupby("init", sort=False))
-    plots.save_figure(fig, ws.figure("label_efficiency.png"), "Line chart of the test Dice against labelled training "
-                      f"patients (log scale), one line per initialisation with its 95 % bootstrap band: {points}.")
+by_budget = figures.make(ws, "dice_by_budget.csv", volume_dice)
+gains = figures.make(ws, "gains_over_random.csv", volume_dice)
+if by_budget["labelled_patients"].notna().any():  # patient budgets (p1, p3, ...) in the sweep
+    figures.make(ws, "label_efficiency.png", by_budget, prepared.manifest["counts"]["train_patients"], names)
 print(label_efficiency.answer(gains, names))
 
 # %% [markdown]
 # ## ACDC's metrics per structure and phase (all labels): Dice and HD95
 
 # %%
-acdc = (per_volume[per_volume["budget"] == reference]
-        .groupby(["init", "phase", "structure"])
-        .agg(dice=("dice", "mean"), dice_sd=("dice", "std"), hd95=("hd95", "mean"), hd95_unit=("hd95_unit", "first"),
-             volumes=("dice", "size")).reset_index())
-acdc.to_csv(ws.table("acdc_metrics.csv"), index=False)
+acdc = figures.make(ws, "acdc_metrics.csv", per_volume, reference)
 acdc.pivot_table(index=["init"], columns=["phase", "structure"], values=["dice", "hd95"]).style.format(precision=3)
 
 # %% [markdown]
@@ -246,15 +192,13 @@ acdc.pivot_table(index=["init"], columns=["phase", "structure"], values=["dice",
 
 # %%
 ef_all = ef[ef["budget"] == reference]
-agreement = evaluate.ef_agreement_table(ef_all)
-agreement.to_csv(ws.table("ef_agreement.csv"), index=False)
-fig = plots.ef_scatter(ef_all)
-fig.savefig(ws.figure("ef_agreement.png"), dpi=120, bbox_inches="tight")
+agreement = figures.make(ws, "ef_agreement.csv", ef_all)
+figures.make(ws, "ef_agreement.png", ef_all)
 agreement.style.format(precision=3)
 
 # %% [markdown]
 # ## A sample prediction: the test slice of median IoU (model grid) for the best initialisation, every initialisation
 
 # %%
-fig = plots.sample_prediction(per_slice, results, images, truth, ws.finetune_dir)
-fig.savefig(ws.figure("sample_prediction.png"), dpi=120, bbox_inches="tight")
+figures.make(ws, "sample_prediction.png", per_slice, results, prepared.images("test"), prepared.labels("test"),
+             ws.finetune_dir)

@@ -35,11 +35,12 @@ data = ""
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cmr_utils import evaluate, explain, paths, plots, report, viewer
+from cmr_utils import evaluate, explain, figures, paths, plots, report, viewer
+from cmr_utils.explain import views
 from cmr_utils.finetune import load_trained_model
 from cmr_utils.params import load_profile
 from cmr_utils.prepare import Prepared
-from cmr_utils.training import inference_device, predicts_in_bf16
+from cmr_utils.training import inference_device
 
 params = load_profile(profile)
 cfg = params["explain"]
@@ -64,36 +65,18 @@ for stale in ws.figures.glob("explain_*.png"):  # this stage's figures: none may
 selected = {}
 for init, run in first.iterrows():
     scores = per_slice[per_slice["run"] == run["name"]]["dice"].to_numpy()
-    groups = explain.select_slices(scores, cfg["n_best"], cfg["n_worst"], cfg["n_median"])
-    selected[init] = groups
-    order = [(g, int(i)) for g in ("best", "median", "worst") for i in groups[g]]
-    titles = [f"{g}: " + explain.row_title(meta.iloc[i]["patient"], int(meta.iloc[i]["slice"]), scores[i],
-                                            meta.iloc[i]["phase"]) for g, i in order]
-    rows = explain.build_rows(models[init], images, truth, [i for _, i in order], titles,
-                              layer=cfg["layers"][0], region=region)
-    fig = explain.plot_explanations(rows)
-    fig.suptitle(f"{init}: best / median / worst test slices", y=1.0)
-    alt = (f"Seg-Grad-CAM of the {init} model (all labels) on its best, median and worst test slices by Dice: "
-           f"{len(order)} rows ({'; '.join(titles)}), each showing the image, the ground truth, the prediction and "
-           f"the CAM on {cfg['layers'][0]} for RV, MYO and LV.")
-    plots.show_figure(plots.save_figure(fig, ws.figure(f"explain_{init}_best_median_worst.png"), alt, dpi=100))
+    selected[init] = explain.select_slices(scores, cfg["n_best"], cfg["n_worst"], cfg["n_median"])
+    plots.show_figure(figures.make(ws, f"explain_{init}_best_median_worst.png", models[init], images, truth, meta,
+                                   scores, selected[init], init=init, layer=cfg["layers"][0], region=region))
 
 # %% [markdown]
 # ## The same slices across initialisations
 # Each initialisation's median slice, explained by every initialisation side by side.
 
 # %%
-shared = list(dict.fromkeys(int(g["median"][0]) for g in selected.values() if len(g["median"])))
-for index in shared:
-    preds = {init: explain.predict(m, images[index:index + 1])[0][0] for init, m in models.items()}
-    cams = {init: {c: explain.seg_grad_cam(m, images[index:index + 1], c, layer=cfg["layers"][0],
-                                           masks=(truth[index:index + 1] == c) if region == "ground_truth" else None)[0]
-                   for c in explain.STRUCTURES} for init, m in models.items()}
-    title = explain.row_title(meta.iloc[index]["patient"], int(meta.iloc[index]["slice"]), phase=meta.iloc[index]["phase"])
-    fig = explain.plot_initialisations(images[index], truth[index], preds, cams, title)
-    alt = (f"Test slice {title} explained by each initialisation ({', '.join(models)}), one row each: the image, "
-           f"the ground truth, that model's prediction and its Seg-Grad-CAM for RV, MYO and LV.")
-    plots.show_figure(plots.save_figure(fig, ws.figure(f"explain_across_inits_slice{index}.png"), alt, dpi=100))
+for index in views.shared_medians(selected):
+    plots.show_figure(figures.make(ws, f"explain_across_inits_slice{index}.png", models, images, truth, meta, index,
+                                   layer=cfg["layers"][0], region=region))
 
 # %% [markdown]
 # ## Slice by slice: the interactive viewer
@@ -107,17 +90,8 @@ viewer_widget = viewer.CamViewer(provider)
 display(viewer_widget.widget)
 
 # %%
-montage = []
-for init in models:  # each initialisation's best slice, with the (up to two) structures it predicts there
-    index = int(selected[init]["best"][0])
-    predicted = provider.prediction(init, index)
-    shown = [name for code, name in explain.STRUCTURES.items() if (predicted == code).any()][:2] or ["MYO"]
-    montage += [(index, name, init) for name in shown]
-fig = viewer.static_montage(provider, montage, layer=cfg["layers"][0])
-alt = ("The slice viewer drawn statically, one row per initialisation's best test slice and structure ("
-       + "; ".join(f"{init}: slice {index}, {name}" for index, name, init in montage)
-       + "): the image, the ground truth, the prediction and the Seg-Grad-CAM overlay.")
-plots.show_figure(plots.save_figure(fig, ws.figure("explain_viewer_montage.png"), alt, dpi=100))
+montage = views.montage_selection(provider, selected)  # each initialisation's best slice, up to two structures
+plots.show_figure(figures.make(ws, "explain_viewer_montage.png", provider, montage, cfg["layers"][0]))
 
 # %% [markdown]
 # ## Numbers for explanations
@@ -126,26 +100,11 @@ plots.show_figure(plots.save_figure(fig, ws.figure("explain_viewer_montage.png")
 # deletion and insertion curves) as stage 04 scored them: in bf16 where they trained in bf16 and the hardware runs it.
 
 # %%
-import numpy as np
-
-picks = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_slices"], len(images))).round().astype(int))
-tables = []
-for run in runs.itertuples():
-    model = load_trained_model(ws.finetune_dir(run.name)).to(device)
-    bf16 = predicts_in_bf16(getattr(run, "precision", None), device)  # as stage 04: bf16 where it trained in bf16
-    for layer in cfg["layers"]:
-        numbers = explain.explanation_numbers(model, images[picks], truth[picks], layer=layer, region=region,
-                                              steps=cfg["deletion_steps"], faithfulness=layer == cfg["layers"][0],
-                                              bf16=bf16)
-        # the pixels each CAM explains: a table with no numbers can then say why (cmr_utils.report)
-        explained = truth[picks] if region == "ground_truth" else explain.predict(model, images[picks], bf16=bf16)[0]
-        numbers = numbers.merge(report.explained_regions(explained, truth[picks]), on=["slice", "structure"])
-        tables.append(numbers.assign(init=run.init, seed=run.seed, layer=layer, slice=picks[numbers["slice"]]))
-numbers = pd.concat(tables, ignore_index=True)
+numbers = views.numbers_over_runs(runs, ws.finetune_dir, images, truth, layers=cfg["layers"], region=region,
+                                  steps=cfg["deletion_steps"], max_slices=cfg["max_slices"], device=device)
 ws.explanation.mkdir(parents=True, exist_ok=True)
-numbers.to_csv(ws.explanation / "numbers.csv", index=False)
-summary = explain.summarise_numbers(numbers)
-summary.to_csv(ws.table("xai_summary.csv"), index=False)
+numbers.to_csv(ws.explanation / "numbers.csv", index=False)  # with the pixels each CAM explains (report.py says why)
+summary = figures.make(ws, "xai_summary.csv", numbers)
 note = report.explanation_note(numbers, params["finetune"]["inits"], cfg["target"], images.shape[-1])
 if note:
     display(Markdown(note))

@@ -22,38 +22,18 @@ data = ""
 external = ""
 
 # %%
-import json
-
 import pandas as pd
 from IPython.display import Markdown, display
 
-from cmr_utils import evaluate, label_efficiency, paths, plots, report, ssl
+from cmr_utils import evaluate, figures, label_efficiency, paths, report, ssl
 from cmr_utils.params import load_profile
 from cmr_utils.plan import plan_runs
-from cmr_utils.prepare import Prepared, describe_geometry
+from cmr_utils.prepare import Prepared
 
 params = load_profile(profile)
 ws = paths.workspace(profile, data)
 manifest = Prepared.open(ws.prepared).manifest
-
-
-def table(name, empty=None, **fmt):
-    """A table of the report; one with no rows is replaced by ``empty``, the reason it has none."""
-    df = pd.read_csv(ws.tables / name)
-    if df.empty:
-        display(Markdown(f"> **No rows** in `{name}`: {empty or 'the stage that writes it found nothing to list'}."))
-    else:
-        display(df.style.format(precision=3, na_rep="–", **fmt).hide(axis="index"))
-
-
-def figure(name, alt=None):
-    """A figure of the report with its alternative text (``alt``, or the text stored in the PNG)."""
-    plots.show_figure(ws.figures / name, alt)
-
-
-sources = ", ".join(f"{s['layout']} ({s['patients']} patients, {s['role']}, {s.get('geometry', 'pixel')} geometry)"
-                    for s in manifest["sources"])
-display(Markdown(f"**Profile** `{profile}` · **data** {sources} · **geometry** {describe_geometry(manifest)}"))
+display(Markdown(report.describe_data(profile, manifest)))
 
 # %% [markdown]
 # ## Which recipe made these numbers
@@ -68,15 +48,23 @@ display(Markdown(report.describe_recipe(params, runs, profile=profile, data=mani
 display(Markdown(report.describe_plan(plan)))
 
 # %% [markdown]
+# ## At a glance: test IoU and 3D Dice per initialisation and label budget
+# The study's IoU (TP / (TP + FP + FN) over every test slice and RV, MYO and LV, on the model grid; mean over seeds)
+# beside ACDC's headline metric, the 3D Dice of each test patient and phase on the volume's original grid (mean over
+# RV, MYO and LV) with its 95 % patient-level bootstrap interval. The sections below give the details.
+
+# %%
+display(Markdown(report.unavailable_note(pd.read_csv(ws.evaluation / "unavailable.csv"))))
+figures.show(ws, "headline.csv", empty=report.trained_runs_gap(runs))
+
+# %% [markdown]
 # ## 1 · Data
 # Patients are split into train / validation / test before anything else; the pretraining pool never holds a
 # test patient.
 
 # %%
-table("data_summary.csv")
-layouts = ", ".join(s["layout"] for s in manifest["sources"])
-figure("data_samples.png", f"Sample slices of each data source ({layouts}): four slices through one volume of the "
-       "source's first patient, with the ground truth overlaid (RV red, MYO green, LV blue; left atrium yellow).")
+figures.show(ws, "data_summary.csv")
+figures.show(ws, "data_samples.png")
 
 # %% [markdown]
 # ## 2 · Self-supervised pretraining
@@ -88,26 +76,13 @@ figure("data_samples.png", f"Sample slices of each data source ({layouts}): four
 
 # %%
 histories = {m: pd.read_csv(ws.pretrain_dir(m) / "history.csv") for m in params["pretrain"]["methods"]}
-fig = plots.loss_curves(histories, "pretraining loss per method")
-alt = "Line chart of the pretraining loss per epoch, training solid and validation dashed: " + "; ".join(
-    f"{m} over {len(h)} epoch(s), training loss {h['train_loss'].iloc[0]:.3f} to {h['train_loss'].iloc[-1]:.3f}, "
-    f"validation loss {h['val_loss'].iloc[0]:.3f} to {h['val_loss'].iloc[-1]:.3f}" for m, h in histories.items())
-plots.show_figure(plots.save_figure(fig, ws.figure("pretrain_loss_all.png"), alt + "."))
-for m in histories:
-    meta = json.loads(ws.encoder_path(m).with_suffix(".json").read_text())
-    monitored = pd.read_csv(ws.pretrain_dir(m) / "history.csv")["embedding_std_ratio"].notna().any()
-    state = ("COLLAPSED" if meta["collapsed"] else "no collapse") if monitored else "none (no embedding)"
-    seen = meta.get("pool_slices", {})
-    sources = ", ".join(f"{n} from {folder}" for folder, n in seen.get("train_by_source", {}).items())
-    method = ssl.get_method(m)
-    display(Markdown(f"- **{method.display}** ({' and '.join(method.transfers)}): trained on {seen.get('train', '?')} "
-                     f"unlabelled slices ({sources or 'sources not recorded'}), validated on {seen.get('val', '?')}; "
-                     f"{meta['epochs_run']} epochs, kept epoch {meta['best_epoch']} (validation loss "
-                     f"{meta['best_val_loss']:.4f}); collapse monitor: {state}"))
+figures.make(ws, "pretrain_loss_all.png", histories, "pretraining loss per method")
+figures.show(ws, "pretrain_loss_all.png")
+display(Markdown(report.describe_pretraining(ws, params["pretrain"]["methods"])))
 
 # %% [markdown]
-# ## 3 · Segmentation: the study's table
-# With all labels: the best training IoU over the epochs, the validation IoU of the selected epoch (the one of best
+# ## 3 · Segmentation: the study's table in detail
+# One column per initialisation, one row per measure and statistic. With all labels: the best training IoU over the epochs, the validation IoU of the selected epoch (the one of best
 # validation Dice, mean over RV, MYO and LV) and the test IoU of that checkpoint (`test_iou_model_grid`), one number
 # per run: mean and range over seeds. IoU is the study's statistic: TP / (TP + FP + FN) summed over all test slices
 # and the three foreground classes (segmentation-models-pytorch, `reduction="micro"`), on the model grid (the
@@ -117,22 +92,12 @@ for m in histories:
 # seeds pooled).
 
 # %%
-unavailable = pd.read_csv(ws.evaluation / "unavailable.csv")
-for init, reason in unavailable.groupby("init")["reason"].first().items():
-    display(Markdown(f"> **{init}: unavailable** — not trained, not replaced by random weights. {reason}"))
-by_init = pd.read_csv(ws.tables / "iou_by_init.csv", header=[0, 1], index_col=0)
-display(by_init.style.format(precision=3, na_rep="–") if len(by_init) else
-        Markdown(f"> **No rows** in `iou_by_init.csv`: {report.trained_runs_gap(runs, 'all')}."))
-health = pd.read_csv(ws.tables / "health_checks.csv")
-display(Markdown("**Health check**: every run's training loss fell and every run segments RV, MYO and LV."
-                 if health.empty else "**Health check: problems found** (a flat training loss, or a structure a "
-                 "model never predicts — numbers from such runs describe a model that did not learn):"))
+figures.show(ws, "iou_by_init.csv", empty=report.trained_runs_gap(runs, reference))
+health = figures.read(ws, "health_checks.csv")
+display(Markdown(report.health_note(health)))
 if not health.empty:
-    table("health_checks.csv")
-trained = runs[(runs["status"] == "ok") & (runs["budget"] == reference)].groupby("init")["best_val_iou"].mean()
-figure("validation_curves.png", "Two line charts over the fine-tuning epochs with all labels, one line per "
-       "initialisation (mean over seeds): validation Dice loss (left) and validation IoU (right); best validation "
-       "IoU " + ", ".join(f"{init} {iou:.2f}" for init, iou in trained.items()) + ".")
+    figures.show(ws, "health_checks.csv")
+figures.show(ws, "validation_curves.png")
 
 # %% [markdown]
 # ## 4 · Label budgets
@@ -143,12 +108,8 @@ figure("validation_curves.png", "Two line charts over the fine-tuning epochs wit
 # were dropped by the plan (listed at the top).
 
 # %%
-by_budget = pd.read_csv(ws.tables / "iou_by_budget.csv")
-points = "; ".join(f"{init} " + ", ".join(f"{r.n_labelled} slices {r.mean:.2f}" for r in g.itertuples())
-                   for init, g in by_budget.sort_values("n_labelled").groupby("init"))
-figure("budget_curve.png", "Line chart of the test IoU per slice (model grid) against the number of labelled "
-       f"training slices (log scale), one line per initialisation with its 95 % bootstrap band: {points}.")
-table("iou_by_budget.csv", empty=report.trained_runs_gap(runs))
+figures.show(ws, "budget_curve.png")
+figures.show(ws, "iou_by_budget.csv", empty=report.trained_runs_gap(runs))
 
 # %% [markdown]
 # ### Paired comparisons between initialisations
@@ -159,7 +120,7 @@ table("iou_by_budget.csv", empty=report.trained_runs_gap(runs))
 # bootstrap runs narrow: read the Wilcoxon p there.
 
 # %%
-table("paired_comparisons.csv", empty=report.comparison_gap(runs))
+figures.show(ws, "paired_comparisons.csv", empty=report.comparison_gap(runs))
 
 # %% [markdown]
 # ### Does pretraining pay with few labels?
@@ -168,13 +129,12 @@ table("paired_comparisons.csv", empty=report.comparison_gap(runs))
 # initialisation, paired on seed, test patient and phase, with its 95 % patient-level bootstrap interval.
 
 # %%
-gains = pd.read_csv(ws.tables / "gains_over_random.csv")
 names = {name: method.display for name, method in ssl.METHODS.items()}
-display(Markdown(label_efficiency.answer(gains, names)))
-if (ws.figures / "label_efficiency.png").exists():
-    figure("label_efficiency.png")
-table("gains_over_random.csv", empty="no budget has random initialisation beside a pretrained one")
-table("dice_by_budget.csv", empty=report.trained_runs_gap(runs))
+display(Markdown(label_efficiency.answer(figures.read(ws, "gains_over_random.csv"), names)))
+for name in figures.existing(ws, "label_efficiency.png"):  # drawn where the sweep has patient budgets
+    figures.show(ws, name)
+figures.show(ws, "gains_over_random.csv", empty="no budget has random initialisation beside a pretrained one")
+figures.show(ws, "dice_by_budget.csv", empty=report.trained_runs_gap(runs))
 
 # %% [markdown]
 # ## 5 · ACDC's metrics: Dice and HD95 per structure, ED and ES (all labels)
@@ -182,7 +142,7 @@ table("dice_by_budget.csv", empty=report.trained_runs_gap(runs))
 # and SD over volumes and seeds.
 
 # %%
-table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, reference))
+figures.show(ws, "acdc_metrics.csv", empty=report.trained_runs_gap(runs, reference))
 
 # %% [markdown]
 # ## 6 · Ejection fraction: predicted versus true
@@ -190,19 +150,14 @@ table("acdc_metrics.csv", empty=report.trained_runs_gap(runs, reference))
 
 # %%
 ef = pd.read_csv(ws.evaluation / "ef.csv")
-ef = ef[ef["budget"].astype(str) == reference]
-table("ef_agreement.csv", empty=report.ef_gap(ef))
-figure("ef_agreement.png", "Scatter plot of predicted against true ejection fraction (%), one panel per structure ("
-       + (", ".join(sorted(ef["structure"].unique())) or "none") + "), one colour per initialisation, dashed "
-       f"identity line; {ef.dropna(subset=['ef_true', 'ef_pred']).shape[0]} points over seeds and test patients.")
+figures.show(ws, "ef_agreement.csv", empty=report.ef_gap(ef[ef["budget"].astype(str) == reference]))
+figures.show(ws, "ef_agreement.png")
 
 # %% [markdown]
 # ## 7 · A sample prediction
 
 # %%
-figure("sample_prediction.png", "One test slice (the median by IoU of the best initialisation): the image, its "
-       "ground truth and the prediction of each initialisation (" + ", ".join(trained.index) + ") overlaid (RV red, "
-       "MYO green, LV blue).")
+figures.show(ws, "sample_prediction.png")
 
 # %% [markdown]
 # ## 8 · Explanations: Seg-Grad-CAM
@@ -211,9 +166,10 @@ figure("sample_prediction.png", "One test slice (the median by IoU of the best i
 # initialisations' explanations.
 
 # %%
-for png in sorted(ws.figures.glob("explain_*.png")):
-    display(Markdown(f"**{png.stem.removeprefix('explain_').replace('_', ' ')}**"))
-    figure(png.name)  # alt text written by stage 05 into the figure
+for family in ("explain_{init}_best_median_worst.png", "explain_across_inits_slice{index}.png",
+               "explain_viewer_montage.png"):
+    for name in figures.existing(ws, family):  # the files stage 05 wrote, alt text in each
+        figures.show(ws, name)
 
 # %%
 numbers = pd.read_csv(ws.explanation / "numbers.csv")
@@ -221,8 +177,8 @@ note = report.explanation_note(numbers, params["finetune"]["inits"], params["exp
                                int(manifest["image_size"]))
 if note:
     display(Markdown(note))
-if len(pd.read_csv(ws.tables / "xai_summary.csv")) or not note:
-    table("xai_summary.csv")
+if len(figures.read(ws, "xai_summary.csv")) or not note:
+    figures.show(ws, "xai_summary.csv")
 
 # %% [markdown]
 # ## 9 · External validation: the same models on other datasets
@@ -234,8 +190,8 @@ if len(pd.read_csv(ws.tables / "xai_summary.csv")) or not note:
 
 # %%
 if external.strip():
-    table("external_cross_dataset.csv")
-    table("external_drop.csv")
+    figures.show(ws, "external_cross_dataset.csv")
+    figures.show(ws, "external_drop.csv")
 else:
     display(Markdown("No external dataset given (`make report EXTERNAL=<folder>[,<folder>]` adds this section)."))
 
@@ -249,7 +205,7 @@ else:
 # scale follows the framing.
 
 # %%
-table("framing_by_init.csv", empty=report.trained_runs_gap(runs, "all"))
+figures.show(ws, "framing_by_init.csv", empty=report.trained_runs_gap(runs, "all"))
 
 # %% [markdown]
 # ## Colophon

@@ -32,6 +32,23 @@ def test_every_notebook_is_paired_in_sync_and_without_outputs():
         assert sum("parameters" in t for t in tags) == 1, f"{py.name}: exactly one 'parameters' cell"
 
 
+def code_lines(py: Path) -> list[str]:
+    """The non-blank, non-comment lines of a notebook's code cells."""
+    return [line for cell in jupytext.read(py).cells if cell.cell_type == "code"
+            for line in cell.source.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_analysis_notebooks_are_as_thin_as_the_training_ones():
+    """Stages 04-06 call cmr_utils (tables, figures, report); they define nothing and hold no more code than
+    stages 01-03's largest plus 20 lines."""
+    lines = {py.stem[:2]: code_lines(py) for py in PY_FILES}
+    limit = max(len(lines[s]) for s in ("01", "02", "03")) + 20
+    for stage in ("04", "05", "06"):
+        assert len(lines[stage]) <= limit, f"{stage}: {len(lines[stage])} code lines, at most {limit}"
+        defined = [line for line in lines[stage] if re.search(r"^\s*(async\s+)?def |^\s*class |\blambda\b", line)]
+        assert not defined, f"{stage} defines code that belongs in cmr_utils: {defined}"
+
+
 def make(*args, env=None, check=True):
     cmd = ["make", "--no-print-directory", *args]
     done = subprocess.run(cmd, cwd=PROJ_ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})

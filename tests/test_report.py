@@ -220,8 +220,10 @@ def test_budget_curve_draws_trained_encoder_runs_as_a_second_line():
             ("simsiam", "150", 150, True, 0.55)]
     summary = pd.DataFrame([{"init": i, "budget": b, "n_labelled": n, "frozen_encoder": f, "mean": m,
                              "ci_low": m - 0.05, "ci_high": m + 0.05, "n_patients": 16} for i, b, n, f, m in rows])
-    fig = plots.budget_curve(summary)
+    fig, alt = plots.budget_curve(summary)
     lines = {line.get_label(): (line.get_linestyle(), list(line.get_ydata())) for line in fig.axes[0].lines}
     assert lines == {"random": ("-", [0.5, 0.8]), "random, encoder trained": ("--", [0.6, 0.8]),
                      "simsiam": ("-", [0.55, 0.7])}  # simsiam has no -trained run: one line
+    assert alt.endswith("random 150 (150 slices) 0.50, 150-trained (150 slices) 0.60, all (1020 slices) 0.80; "
+                        "simsiam 150 (150 slices) 0.55, all (1020 slices) 0.70.")
     plt.close(fig)
