@@ -18,6 +18,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ SWEEP_KEYS = {"pretrain": ("methods",), "finetune": ("inits", "budgets", "seeds"
 STAGE_PARAMETERS = {
     "01_prepare_data": ("data",),
     "02_pretrain": ("pretrain-%", "trainer"),
-    "03_finetune": ("data", "finetune-run", "trainer"),
+    "03_finetune": ("data", "finetune-run", "evaluate", "trainer"),  # evaluate: the test-time flips plans.json records
     "04_evaluate": ("data", "pretrain", "finetune", "evaluate", "trainer"),
     "05_explain": ("profile",),
     "06_report": ("profile", "study"),
@@ -139,6 +140,8 @@ class _Module:
                             break
                         module = f"{module}.{attr}"
                         found.add((module, None))
+        for sub in walked:  # figures.make(ws, "<file>", ...) runs the file's producer, figures.show its view
+            found.update(_registered_functions(sub, aliases))
         for sub in walked:
             if isinstance(sub, ast.Name) and id(sub) not in bases:
                 if sub.id in aliases:
@@ -147,6 +150,38 @@ class _Module:
                 elif self.name and sub.id in self.defs:
                     found.add((self.name, sub.id))
         return found
+
+
+FIGURES = f"{PACKAGE}.figures"
+
+
+def _registered_functions(node, aliases) -> set[tuple[str, str]]:
+    """The producer (``make``) or table view (``show``) that a call ``figures.make(ws, "<file>", ...)`` or
+    ``figures.show(ws, "<file>")`` runs, through the registry of ``cmr_utils.figures`` (which names them, not imports
+    them); an f-string file name matches its family (``f"pretrain_loss_{method}.png"``)."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and len(node.args) >= 2
+            and node.func.attr in ("make", "show") and isinstance(node.func.value, ast.Name)
+            and aliases.get(node.func.value.id) == (FIGURES, None)):
+        return set()
+    arg = node.args[1]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        name = arg.value
+    elif isinstance(arg, ast.JoinedStr):
+        name = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in arg.values)
+    else:
+        return set()
+    from .figures import REPORT_ITEMS
+
+    same = re.compile(r"\{\w*\}")
+    entries = [i for i in REPORT_ITEMS if i.name == name] or [
+        i for i in REPORT_ITEMS if same.sub("{}", i.name) == name or ("{}" not in name and i.fields(name) is not None)]
+    found = set()
+    for entry in entries:
+        dotted = entry.producer if node.func.attr == "make" else entry.view
+        if dotted and dotted.startswith(PACKAGE + "."):
+            module, _, function = dotted.rpartition(".")
+            found.add((module, function))
+    return found
 
 
 def modules_of(path: Path, parsed: dict | None = None) -> list[Path]:

@@ -127,7 +127,7 @@ def export_encoder(ws: Workspace, method: str, manifest: dict) -> list[Path]:
     docstring), each atomically; return their paths."""
     from safetensors.torch import save_file
 
-    from .report import git_state
+    from .provenance import git_state
 
     encoder_path = ws.encoder_path(method)
     state = torchvision_state(load_encoder_state(encoder_path))

@@ -4,35 +4,49 @@ it (its *producer*) and the caption the report gives it.
 The stages make them through ``make`` (or ``save``, for a producer that returns several), which saves a figure with
 its alternative text (``plots.save_figure``) or writes a table's CSV atomically; the report shows them through
 ``show``, which adds the caption and names the producer. The code behind any file of
-``reports/<data>/<profile>/{figures,tables}/`` is ``item(file name).producer``. A name with ``{field}`` is a family
-of files, one per method, initialisation or slice (``pretrain_loss_{method}.png``).
+``reports/<data>/<profile>/{figures,tables}/`` is ``item(file name).producer`` (its dotted name; ``.function`` the
+function). A name with ``{field}`` is a family of files, one per method, initialisation or slice
+(``pretrain_loss_{method}.png``). Producers are named, not imported, so that a stage depends on the producers it
+makes and no other (``cmr_utils.dependencies`` follows each ``figures.make(ws, "<file>", ...)`` to its producer).
 """
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from . import evaluate, framing, label_efficiency, plots, tables
-from .explain import summarise_numbers
-from .explain import views as explain_views
+from . import plots
 from .files import atomic_write
-from .prepare import summary_table
+
+
+def resolve(dotted: str):
+    """The function a dotted name (``cmr_utils.plots.loss_curves``, ``pandas.DataFrame.transpose``) names."""
+    module, _, attr = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        owner, _, cls = module.rpartition(".")
+        return getattr(getattr(importlib.import_module(owner), cls), attr)
 
 
 @dataclass(frozen=True)
 class ReportItem:
     name: str  # file name under figures/ (.png) or tables/ (.csv); `{field}` for a family of files
     stage: str  # the notebook that makes it
-    producer: Callable  # returns a plots.Drawn (figure and alt text) or a DataFrame
+    producer: str  # dotted name of a function returning a plots.Drawn (figure and alt text) or a DataFrame
     caption: str  # what the report says under it; `{field}`s are filled from the file name
     index: bool = False  # a table whose index is a column of the CSV (read back as the index)
     header_rows: int = 1  # a table with a (measure, statistic) header
-    view: Callable | None = None  # how the report shows a table (default: as written)
+    view: str | None = None  # dotted name of how the report shows a table (default: as written)
     dpi: int = 120
+
+    @property
+    def function(self):
+        """The producer itself."""
+        return resolve(self.producer)
 
     @property
     def kind(self) -> str:
@@ -47,59 +61,59 @@ class ReportItem:
 
 
 REPORT_ITEMS = (
-    ReportItem("data_summary.csv", "01_prepare_data", summary_table,
+    ReportItem("data_summary.csv", "01_prepare_data", "cmr_utils.prepare.summary_table",
                "Patients, slices and class pixel fractions per split.", index=True),
-    ReportItem("data_samples.png", "01_prepare_data", plots.sample_slices,
+    ReportItem("data_samples.png", "01_prepare_data", "cmr_utils.plots.sample_slices",
                "Sample slices of each data source, ground truth overlaid."),
-    ReportItem("pretrain_loss_all.png", "06_report", plots.loss_curves,
+    ReportItem("pretrain_loss_all.png", "06_report", "cmr_utils.plots.loss_curves",
                "Pretraining loss per epoch of every method, training solid and validation dashed."),
-    ReportItem("pretrain_loss_{method}.png", "02_pretrain", plots.loss_curves,
+    ReportItem("pretrain_loss_{method}.png", "02_pretrain", "cmr_utils.plots.loss_curves",
                "Pretraining loss per epoch of {method}, training solid and validation dashed."),
-    ReportItem("headline.csv", "04_evaluate", tables.headline,
+    ReportItem("headline.csv", "04_evaluate", "cmr_utils.tables.headline",
                "Test scores per initialisation and label budget: the study's IoU (whole test split, model grid; mean "
                "over seeds) and the 3D Dice per patient and phase (original grid; mean over RV, MYO and LV) with its "
-               "95 % patient-level bootstrap interval.", view=tables.headline_view),
-    ReportItem("iou_by_init.csv", "04_evaluate", tables.iou_by_init,
+               "95 % patient-level bootstrap interval.", view="cmr_utils.tables.headline_view"),
+    ReportItem("iou_by_init.csv", "04_evaluate", "cmr_utils.tables.iou_by_init",
                "The study's table in detail: one column per initialisation; per measure its mean and range over "
                "seeds (one number per run) or its 95 % patient-level bootstrap interval.", index=True, header_rows=2,
-               view=pd.DataFrame.transpose),
-    ReportItem("health_checks.csv", "04_evaluate", evaluate.health_checks,
+               view="pandas.DataFrame.transpose"),
+    ReportItem("health_checks.csv", "04_evaluate", "cmr_utils.evaluate.health_checks",
                "Runs whose training loss stayed flat or that never predict a structure."),
-    ReportItem("validation_curves.png", "04_evaluate", plots.validation_curves,
+    ReportItem("validation_curves.png", "04_evaluate", "cmr_utils.plots.validation_curves",
                "Validation loss and IoU per fine-tuning epoch with all labels, mean over seeds."),
-    ReportItem("iou_by_budget.csv", "04_evaluate", tables.iou_by_budget,
+    ReportItem("iou_by_budget.csv", "04_evaluate", "cmr_utils.tables.iou_by_budget",
                "Test IoU per slice (model grid) per initialisation and label budget."),
-    ReportItem("budget_curve.png", "04_evaluate", plots.budget_curve,
+    ReportItem("budget_curve.png", "04_evaluate", "cmr_utils.plots.budget_curve",
                "Test IoU per slice (model grid) against labelled training slices."),
-    ReportItem("paired_comparisons.csv", "04_evaluate", tables.paired_comparisons,
+    ReportItem("paired_comparisons.csv", "04_evaluate", "cmr_utils.tables.paired_comparisons",
                "Paired differences of the patient-phase 3D Dice between initialisations, per budget."),
-    ReportItem("dice_by_budget.csv", "04_evaluate", label_efficiency.dice_by_budget,
+    ReportItem("dice_by_budget.csv", "04_evaluate", "cmr_utils.label_efficiency.dice_by_budget",
                "Test Dice (3D, original grid) per initialisation and budget."),
-    ReportItem("gains_over_random.csv", "04_evaluate", label_efficiency.gains_over_random,
+    ReportItem("gains_over_random.csv", "04_evaluate", "cmr_utils.label_efficiency.gains_over_random",
                "Each initialisation minus random initialisation, paired on seed, test patient and phase."),
-    ReportItem("label_efficiency.png", "04_evaluate", plots.label_efficiency,
+    ReportItem("label_efficiency.png", "04_evaluate", "cmr_utils.plots.label_efficiency",
                "Test Dice against labelled training patients."),
-    ReportItem("acdc_metrics.csv", "04_evaluate", tables.acdc_metrics,
+    ReportItem("acdc_metrics.csv", "04_evaluate", "cmr_utils.tables.acdc_metrics",
                "ACDC's metrics per initialisation, phase and structure: Dice (mean, SD) and HD95."),
-    ReportItem("ef_agreement.csv", "04_evaluate", evaluate.ef_agreement_table,
+    ReportItem("ef_agreement.csv", "04_evaluate", "cmr_utils.evaluate.ef_agreement_table",
                "Ejection fraction, predicted versus true: bias, limits of agreement and Pearson r."),
-    ReportItem("ef_agreement.png", "04_evaluate", plots.ef_scatter,
+    ReportItem("ef_agreement.png", "04_evaluate", "cmr_utils.plots.ef_scatter",
                "Predicted against true ejection fraction."),
-    ReportItem("sample_prediction.png", "04_evaluate", plots.sample_prediction,
+    ReportItem("sample_prediction.png", "04_evaluate", "cmr_utils.plots.sample_prediction",
                "A test slice and each initialisation's prediction."),
-    ReportItem("external_cross_dataset.csv", "04_evaluate", evaluate.external_tables,
+    ReportItem("external_cross_dataset.csv", "04_evaluate", "cmr_utils.evaluate.external_tables",
                "Mean 3D Dice of the all-label runs per initialisation and external dataset."),
-    ReportItem("external_drop.csv", "04_evaluate", evaluate.external_tables,
+    ReportItem("external_drop.csv", "04_evaluate", "cmr_utils.evaluate.external_tables",
                "External minus internal test Dice per initialisation and dataset."),
-    ReportItem("framing_by_init.csv", "04_evaluate", framing.framing_by_init,
+    ReportItem("framing_by_init.csv", "04_evaluate", "cmr_utils.framing.framing_by_init",
                "Mean 3D Dice per initialisation and framing of the test volumes."),
-    ReportItem("explain_{init}_best_median_worst.png", "05_explain", explain_views.best_median_worst,
+    ReportItem("explain_{init}_best_median_worst.png", "05_explain", "cmr_utils.explain.views.best_median_worst",
                "Seg-Grad-CAM of the {init} model on its best, median and worst test slices.", dpi=100),
-    ReportItem("explain_across_inits_slice{index}.png", "05_explain", explain_views.across_initialisations,
+    ReportItem("explain_across_inits_slice{index}.png", "05_explain", "cmr_utils.explain.views.across_initialisations",
                "Test slice {index} explained by every initialisation.", dpi=100),
-    ReportItem("explain_viewer_montage.png", "05_explain", explain_views.viewer_montage,
+    ReportItem("explain_viewer_montage.png", "05_explain", "cmr_utils.explain.views.viewer_montage",
                "The slice viewer drawn statically for each initialisation's best slice.", dpi=100),
-    ReportItem("xai_summary.csv", "05_explain", summarise_numbers,
+    ReportItem("xai_summary.csv", "05_explain", "cmr_utils.explain.summarise_numbers",
                "Numbers for the explanations: localisation, faithfulness and sanity, mean and SD over seeds."),
 )
 
@@ -134,7 +148,7 @@ def save(ws, name: str, made):
 
 def make(ws, name: str, *args, **kwargs):
     """Make file ``name`` with its registered producer (``producer(*args, **kwargs)``) and ``save`` it."""
-    return save(ws, name, item(name).producer(*args, **kwargs))
+    return save(ws, name, item(name).function(*args, **kwargs))
 
 
 def read(ws, name: str) -> pd.DataFrame:
@@ -147,8 +161,7 @@ def read(ws, name: str) -> pd.DataFrame:
 def caption(name: str) -> str:
     """The report's caption of file ``name``, with the file and the code that makes it."""
     entry = item(name)
-    producer = f"{entry.producer.__module__}.{entry.producer.__qualname__}"
-    return (f"*{entry.caption.format(**entry.fields(name))}* `{name}`: `{producer}`, "
+    return (f"*{entry.caption.format(**entry.fields(name))}* `{name}`: `{entry.producer}`, "
             f"stage {entry.stage.split('_')[0]}.")
 
 
@@ -176,6 +189,6 @@ def show(ws, name: str, empty: str | None = None) -> None:
     if df.empty:
         display(Markdown(f"> **No rows** in `{name}`: {empty or 'the stage that writes it found nothing to list'}."))
         return
-    shown = entry.view(df) if entry.view else df
+    shown = resolve(entry.view)(df) if entry.view else df
     style = shown.style.format(precision=3, na_rep="–")
     display(style if entry.index else style.hide(axis="index"))

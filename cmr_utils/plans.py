@@ -18,20 +18,18 @@ workspace, no profile, no prepared data). It records:
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from .files import write_json_atomic
+from .provenance import package_versions
 
 PLANS_FILE = "plans.json"
 PLANS_VERSION = 1
 ARCHITECTURE = {"architecture": "FPN", "encoder": "resnet18"}  # what cmr_utils.models builds, the only one
 LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}  # the model's output channels (ACDC's labels)
-VERSIONED = ("torch", "torchvision", "segmentation-models-pytorch", "pytorch-lightning", "numpy", "scipy")
 
 
 @dataclass(frozen=True)
@@ -77,16 +75,6 @@ class Preprocessing:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def run_plans(preprocessing: Preprocessing, *, test_time_flips: bool, init: str, n_classes: int,

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .paths import PROJ_ROOT, Workspace
+from .paths import Workspace
+from .provenance import git_state, package_versions
 from .params import profile_path
 
-PACKAGES = ("torch", "torchvision", "pytorch-lightning", "lightly", "segmentation-models-pytorch", "timm",
-            "grad-cam", "numpy", "scipy", "pandas", "nibabel", "h5py", "matplotlib", "papermill", "jupytext")
 
 
 def stage_durations(executed: Path) -> pd.DataFrame:
@@ -28,17 +25,6 @@ def stage_durations(executed: Path) -> pd.DataFrame:
         meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
         rows.append({"notebook": nb.stem, "wall_s": meta.get("duration"), "finished": meta.get("end_time")})
     return pd.DataFrame(rows, columns=["notebook", "wall_s", "finished"])
-
-
-def git_state() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJ_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJ_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def device_description() -> str:
@@ -53,12 +39,8 @@ def colophon(ws: Workspace, manifest: dict) -> dict[str, pd.DataFrame | str]:
     """When, from which commit, with which packages, parameters, data and device this report was made."""
     import hashlib
 
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append({"package": name, "version": metadata.version(name)})
-        except metadata.PackageNotFoundError:
-            versions.append({"package": name, "version": "not installed"})
+    versions = [{"package": name, "version": version} for name, version in package_versions().items()
+                if name != "python"]
     params_file = profile_path(ws.profile)
     sources = pd.DataFrame([{k: s[k] for k in ("folder", "layout", "role", "patients", "content_sha256")}
                             for s in manifest["sources"]])

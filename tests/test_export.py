@@ -71,7 +71,7 @@ def test_the_export_loads_into_torchvision_timm_and_smp_with_the_projects_featur
 
 
 def test_the_model_card_says_what_the_encoder_is_and_how_to_feed_it(exported):
-    from cmr_utils.report import git_state
+    from cmr_utils.provenance import git_state
 
     ws, _, (_, card_path) = exported
     card = card_path.read_text()

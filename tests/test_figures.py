@@ -24,7 +24,7 @@ def test_every_item_has_a_unique_name_a_stage_and_a_package_producer():
     stages = {p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py")}
     for entry in figures.REPORT_ITEMS:
         assert entry.stage in stages, entry
-        assert entry.producer.__module__.startswith("cmr_utils."), entry
+        assert entry.producer.startswith("cmr_utils.") and entry.function.__module__.startswith("cmr_utils."), entry
         assert entry.name.endswith((".png", ".csv")) and len(entry.caption.split()) >= 4, entry
 
 
@@ -33,7 +33,7 @@ def test_a_file_name_finds_its_item_exact_names_before_families():
     assert figures.item("pretrain_loss_swav.png").stage == "02_pretrain"
     entry = figures.item("explain_simsiam_best_median_worst.png")
     assert entry.fields("explain_simsiam_best_median_worst.png") == {"init": "simsiam"}
-    assert figures.item("iou_by_init.csv").producer is tables.iou_by_init
+    assert figures.item("iou_by_init.csv").function is tables.iou_by_init
     with pytest.raises(KeyError, match="'nope.png' is not a registered figure or table.*budget_curve.png"):
         figures.item("nope.png")
     assert figures.caption("explain_across_inits_slice12.png") == (

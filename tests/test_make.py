@@ -151,3 +151,19 @@ def test_each_stage_lists_the_parameter_sections_its_notebook_reads():
         if stage in ("02_pretrain", "03_finetune"):
             keys = {k for ks in SWEEP_KEYS.values() for k in ks}
             assert not {k for k in keys if re.search(rf"""\[["']{k}["']\]""", text)}, stage
+
+
+def test_a_stage_depends_on_the_producers_of_the_figures_it_makes_and_no_others():
+    """``figures.make(ws, "<file>", ...)`` runs the file's registered producer (named, not imported, by the
+    registry): stage 01 depends on plots.py (data_samples.png) but not on the evaluation's tables, stage 04 on them."""
+    from cmr_utils.dependencies import modules_of
+    from cmr_utils.paths import NOTEBOOKS_DIR
+
+    def modules(stage):
+        return {p.relative_to(PROJ_ROOT).as_posix() for p in modules_of(NOTEBOOKS_DIR / f"{stage}.py")}
+
+    prepare, pretrain, evaluate = modules("01_prepare_data"), modules("02_pretrain"), modules("04_evaluate")
+    assert {"cmr_utils/plots.py", "cmr_utils/figures.py", "cmr_utils/prepare.py"} <= prepare
+    assert not {"cmr_utils/tables.py", "cmr_utils/evaluate.py", "cmr_utils/report.py", "cmr_utils/viewer.py",
+                "cmr_utils/explain/views.py"} & (prepare | pretrain)
+    assert {"cmr_utils/tables.py", "cmr_utils/label_efficiency.py", "cmr_utils/framing.py"} <= evaluate
