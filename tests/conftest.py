@@ -18,6 +18,17 @@ def _outputs_in_tmp(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_figure_left_open():
+    """Each test starts with no matplotlib figure open, so that a test asserting its code closed its figures sees
+    only its own."""
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+    yield
+
+
 @pytest.fixture(scope="session")
 def phantom_sources(tmp_path_factory):
     """A small phantom in the official ACDC NIfTI layout plus a Decathlon-style extra source."""

@@ -189,7 +189,6 @@ def test_figures_keep_their_alternative_text_through_nbconvert(tmp_path):
 
     from cmr_utils import plots
 
-    plt.close("all")  # figures other tests left open are not this test's
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3])
     alt = "Line chart of test IoU rising from 0.1 to 0.3 over three label budgets, random init"
