@@ -63,7 +63,9 @@ def check_scan(scan: Scan) -> None:
 
 
 def _check_headers(scan: Scan) -> None:
-    study, frames_of_reference = None, set()
+    from .readers.dicom import ORIENTATION_TOL
+
+    study, frames_of_reference, orientation = None, set(), None
     for path, ds in zip(source_files(scan), _headers(scan)):
         missing = [k for k in REQUIRED if not str(ds.get(k, "") or "").strip()]
         if missing:
@@ -74,6 +76,11 @@ def _check_headers(scan: Scan) -> None:
             raise DataError(f"{path}: StudyInstanceUID {ds.StudyInstanceUID} differs from the rest of its series "
                             f"({study}); a DICOM-SEG references one study")
         frames_of_reference.add(str(ds.FrameOfReferenceUID))
+        cosines = np.asarray(ds.get("ImageOrientationPatient", [np.nan] * 6), dtype=float)
+        orientation = cosines if orientation is None else orientation
+        if not np.abs(cosines - orientation).max() <= ORIENTATION_TOL:
+            raise DataError(f"{path}: ImageOrientationPatient {list(cosines)} differs from the series' first image "
+                            f"({list(orientation)}); a DICOM-SEG needs one orientation per series")
     if len(frames_of_reference) > 1:
         warnings.warn(f"{scan.path}: {len(frames_of_reference)} FrameOfReferenceUIDs in one series (the standard has "
                       "one per series; an anonymiser that replaced every UID does this); its DICOM-SEG takes the "
@@ -133,8 +140,12 @@ def _write(scan: Scan, labels: np.ndarray, folder: Path, algorithm: str, version
         raise ValueError(f"{scan.path}: labels of shape {labels.shape} for {len(scan.frames)} phase(s) of "
                          f"{len(datasets)} source images")
     frame_of_reference = datasets[0].FrameOfReferenceUID  # one per series (check_scan warns where it is not)
+    # one orientation: the reader allowed direction cosines that differ by up to ORIENTATION_TOL (scanner rounding,
+    # Sunnybrook's SCD0000201), highdicom compares them exactly
+    orientation = datasets[0].ImageOrientationPatient
     for ds in datasets:  # headers only, in memory: the source files are never written to
         ds.FrameOfReferenceUID = frame_of_reference
+        ds.ImageOrientationPatient = orientation
         for keyword in EMPTY_ALLOWED:
             if keyword not in ds or (keyword in DATES and not _valid_date(ds[keyword].value)):
                 setattr(ds, keyword, "")

@@ -125,6 +125,24 @@ def test_dicom_seg_needs_the_study_and_frame_of_reference(tmp_path):
     assert len(table) == 2
 
 
+def test_dicom_seg_takes_one_orientation_where_the_series_rounds_it(tmp_path):
+    """Direction cosines that differ in the 6th decimal (as Sunnybrook's SCD0000201 does) are one orientation for the
+    reader; highdicom compares them exactly, so the SEG takes the first image's."""
+    files = write_series(tmp_path / "scan", n_slices=3, n_phases=2, rows=12, cols=6)
+    last = max(files.values())
+    ds = pydicom.dcmread(last)
+    first_iop = [float(v) for v in ds.ImageOrientationPatient]
+    ds.ImageOrientationPatient = [first_iop[0] + 2e-6, *first_iop[1:]]
+    ds.save_as(last, enforce_file_format=True)
+    predict_folder(striped, tmp_path / "scan", tmp_path / "out", progress=False, dicom_seg=True)
+    for t in range(2):
+        phase_files = [dict(files)[(z, t)] for z in range(3)]
+        seg, decoded = read_back(tmp_path / "out" / f"P1_seg_F{t + 1:02d}.dcm", phase_files)
+        check_seg(seg, phase_files)
+        assert (decoded[:, 8 - t:] == 3).all()
+    assert pydicom.dcmread(last).ImageOrientationPatient[0] == first_iop[0] + 2e-6  # the source file is untouched
+
+
 # ---------------------------------------------------------------------------------------------- the real data
 def test_sunnybrook_patient_dicom_seg_and_ed_es_from_the_cine(tmp_path):
     """One Sunnybrook patient as a scanner gives it (its files linked into a folder of their own: no contours, so
