@@ -10,18 +10,12 @@ pytest.importorskip("pytorch_grad_cam")
 smp = pytest.importorskip("segmentation_models_pytorch")
 torch = pytest.importorskip("torch")
 
-from test_explain import synthetic_heart  # noqa: E402
+from test_explain import model, synthetic_heart  # noqa: E402,F401  model: test_explain's untrained FPN fixture
 
 from cmr_utils import plots, viewer  # noqa: E402
 from cmr_utils.explain import views  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def model(one_thread):
-    torch.manual_seed(0)
-    return smp.FPN("resnet18", encoder_weights=None, in_channels=1, classes=4).eval()
 
 
 @pytest.fixture(scope="module")
