@@ -123,12 +123,13 @@ upto = $(if $(2),$(firstword $(2)) $(if $(filter $(1),$(firstword $(2))),,$(call
 
 # papermill NOTEBOOK,[-p name value ...],[where the sweep stands]: runs notebooks/NOTEBOOK.py (the paired .py is
 # the source), writes to a temporary name and renames on success; a failed run is kept as *.failed.ipynb for
-# reading. One line when a stage starts and one when it ends; in between, each training run prints one line per
-# epoch on stderr (CMR_PROGRESS=plain, cmr_utils/training.py), which the kernel inherits from Make.
+# reading. A kernel gets 10 min to start: on a loaded CI machine one took longer than papermill's default 60 s.
+# One line when a stage starts and one when it ends; in between, each training run prints one line per epoch on
+# stderr (CMR_PROGRESS=plain, cmr_utils/training.py), which the kernel inherits from Make.
 define papermill
 @mkdir -p $(@D)
 @echo "[$(PROFILE)/$(TAG)] $(notdir $@): started$(if $(3), · $(3))"
-@CMR_PROGRESS=plain OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $(NB)/$(1).ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar \
+@CMR_PROGRESS=plain OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(threads)} $(PY) -m papermill $(NB)/$(1).ipynb $@.tmp.ipynb -k $(KERNEL) --language python --log-level WARNING --no-progress-bar --start-timeout 600 \
 	-p profile $(PROFILE) -p data "$(DATA)" $(2) \
 	|| { mv -f $@.tmp.ipynb $(@:.ipynb=.failed.ipynb) 2>/dev/null || true; \
 	     echo "[$(PROFILE)/$(TAG)] $(notdir $@): FAILED after $$SECONDS s; read $(@:.ipynb=.failed.ipynb)" >&2; exit 1; }; \
