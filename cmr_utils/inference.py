@@ -176,16 +176,23 @@ def pad_to_multiple(images: np.ndarray, multiple: int = 32) -> tuple[np.ndarray,
 def heart_window(foreground: np.ndarray, window: int) -> tuple[int, int]:
     """Top-left (y, x) of the ``window`` x ``window`` square to predict in a field (Z, H, W) at least that large:
     the field's centre (where training windows sit), moved only as far as it takes to hold the bounding box of the
-    largest 3D connected component of ``foreground`` (centred on the box where the box is larger than the window),
-    and kept inside the field. Without foreground, the centre."""
+    heart (centred on the box where the box is larger than the window), and kept inside the field. Without
+    foreground, the centre.
+
+    The heart: the 3D connected component of ``foreground`` with the most voxels inside the centred window (the
+    largest where none reaches into it). Outside the window it trained on, a model sees chest wall it never saw and
+    can call it myocardium in blobs larger than the heart; inside it, it is on familiar ground (the choice and its
+    measurements: ``docs/geometry.md``)."""
     from scipy import ndimage
 
     _, h, w = foreground.shape
     y, x = (h - window) // 2, (w - window) // 2
     components, n = ndimage.label(foreground)
     if n:
-        sizes = np.bincount(components.ravel())[1:]
-        _, ys, xs = np.nonzero(components == 1 + int(sizes.argmax()))
+        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+        inside = np.bincount(components[:, y:y + window, x:x + window].ravel(), minlength=n + 1)[1:]
+        heart = 1 + int(inside.argmax() if inside.max() > 0 else sizes.argmax())
+        _, ys, xs = np.nonzero(components == heart)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         y = (y0 + y1 - window) // 2 if y1 - y0 > window else min(max(y, y1 - window), y0)
         x = (x0 + x1 - window) // 2 if x1 - x0 > window else min(max(x, x1 - window), x0)

@@ -23,6 +23,17 @@ def test_heart_window_known_answers():
     assert heart_window(np.zeros((2, 100, 120), bool), 40) == (30, 40)  # no heart: the field's centre
 
 
+def test_heart_window_takes_the_component_reaching_into_the_centred_window():
+    fg = np.zeros((2, 100, 120), bool)
+    fg[:, 5:95, 95:118] = True  # chest wall called heart at the field's edge: the largest component
+    fg[:, 40:60, 45:75] = True  # the heart, inside the centred window (30, 40)
+    assert heart_window(fg, 40) == (30, 40)  # it stays where training put it
+    edge_only = np.zeros_like(fg)
+    edge_only[:, 5:95, 95:118] = True
+    edge_only[0, 2:4, 2:4] = True  # a speck in a corner: neither reaches into the centred window
+    assert heart_window(edge_only, 40) == (30, 78)  # the largest then: centred on its rows, its columns held
+
+
 class PixelwiseModel(torch.nn.Module):
     """Logits that depend on each pixel alone: 'heart' (class 3) where the image is bright."""
 
