@@ -47,6 +47,7 @@ SCHEMA: dict[str, Any] = {
         "inits": ("list", str),
         "budgets": ("list", (int, str)),
         "seeds": ("list", int),
+        "seeds_all": ("list", int),
         "epochs": int,
         "epochs_budget": int,
         "steps_patients": int,

@@ -59,7 +59,11 @@ def run_name(init: str, budget: str | int, seed: int) -> str:
 
 
 def phantom_dir(patients: int, extra_cases: int, frames: int, seed: int) -> Path:
-    return output_root() / "data" / "phantom" / f"n{patients}-e{extra_cases}-f{frames}-s{seed}"
+    """Where the built-in phantom of these parameters is generated; the generator's format version is in the name,
+    so a newer generator writes beside an older phantom rather than refusing it."""
+    from .phantom import FORMAT_VERSION
+
+    return output_root() / "data" / "phantom" / f"n{patients}-e{extra_cases}-f{frames}-s{seed}-v{FORMAT_VERSION}"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ Two datasets, each written in the layout of the public release it stands in for,
 
 On disk, images are int16 (intensities roughly 0..1500, like a scanner's), labels uint8. Arrays are made in the
 project's (Z, Y, X) convention and written transposed to NIfTI's (X, Y, Z[, T]). The anatomy is drawn in pixel
-units scaled to the image size (the heart fills a similar fraction of every field of view); the per-patient
-spacing then makes physical volumes vary like patient size does.
+units scaled to the image size, and the pixel size follows from a field of view of 180 to 230 mm: a heart's size in
+mm varies with its group and about ±12 % between patients, not with the scanner's matrix.
 
 Everything is deterministic: patient ``i`` of seed ``s`` depends on ``(s, i)`` only, so the same arguments give
 byte-identical files and a larger ``n_patients`` extends a smaller set rather than changing it.
@@ -28,11 +28,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ACDC_GROUPS", "PHANTOM_MARKER", "write_acdc_phantom", "write_decathlon_phantom", "ensure_phantom"]
+__all__ = ["ACDC_GROUPS", "FORMAT_VERSION", "PHANTOM_MARKER", "write_acdc_phantom", "write_decathlon_phantom", "ensure_phantom"]
 
 ACDC_GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")  # patients cycle through them in this order
 PHANTOM_MARKER = "phantom.json"  # provenance file at the top of each generated dataset
-_FORMAT_VERSION = 1  # bump when the generator's output changes, so stale phantoms are detected
+FORMAT_VERSION = 2  # bump when the generator's output changes, so stale phantoms are detected
 _ACDC_STREAM, _DECATHLON_STREAM = 0xACDC, 0xDEC  # keep the two datasets' random streams apart
 
 # Tissue classes of the image (labels are separate: only RV, MYO and LV are labelled).
@@ -153,7 +153,9 @@ def _acdc_patient(rng: np.random.Generator, group: str, n_frames: int) -> dict:
     """One patient: cine (T, Z, Y, X) int16, labels (T, Z, Y, X) uint8, header and Info.cfg values."""
     n_z = int(rng.integers(6, 11))
     n_y, n_x = int(rng.integers(100, 141)), int(rng.integers(100, 141))
-    spacing_xy = round(float(rng.uniform(1.2, 1.9)), 4)
+    # the field of view in mm, the pixel size from it: the anatomy (drawn in pixels, scaled to the matrix) then has
+    # about the same size in mm in every patient but for its group and U(0.88, 1.12), as hearts do
+    spacing_xy = round(float(rng.uniform(180.0, 230.0)) / min(n_y, n_x), 4)
     slice_mm = round(float(rng.uniform(5.0, 10.0)), 1)
     es_index = int(np.clip(round(rng.uniform(0.35, 0.45) * n_frames), 1, n_frames - 2))
     frame_ms = round(60000.0 / rng.uniform(55.0, 90.0) / n_frames, 2)
@@ -321,7 +323,7 @@ def write_acdc_phantom(folder, n_patients: int = 20, seed: int = 0, n_frames: in
         (patient_dir / "Info.cfg").write_text(
             f"ED: 1\nES: {patient['es_index'] + 1}\nGroup: {group}\nHeight: {patient['height_cm']:.1f}\n"
             f"NbFrame: {n_frames}\nWeight: {patient['weight_kg']:.1f}\n")
-    _write_marker(folder, {"generator": "cmr_utils.phantom.write_acdc_phantom", "format_version": _FORMAT_VERSION,
+    _write_marker(folder, {"generator": "cmr_utils.phantom.write_acdc_phantom", "format_version": FORMAT_VERSION,
                            "n_patients": n_patients, "seed": seed, "n_frames": n_frames})
     return folder
 
@@ -414,7 +416,7 @@ def write_decathlon_phantom(folder, n_cases: int = 4, seed: int = 0) -> Path:
         "description": "Synthetic left atrium MRI phantom (cmr_utils.phantom), Decathlon Task02_Heart layout",
         "reference": "cmr_utils.phantom: synthetic, contains no patient data",
         "licence": "CC0 1.0",
-        "release": f"phantom {_FORMAT_VERSION}",
+        "release": f"phantom {FORMAT_VERSION}",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
         "labels": {"0": "background", "1": "left atrium"},
@@ -425,7 +427,7 @@ def write_decathlon_phantom(folder, n_cases: int = 4, seed: int = 0) -> Path:
     }
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
     _write_marker(folder, {"generator": "cmr_utils.phantom.write_decathlon_phantom",
-                           "format_version": _FORMAT_VERSION, "n_cases": n_cases, "seed": seed})
+                           "format_version": FORMAT_VERSION, "n_cases": n_cases, "seed": seed})
     return folder
 
 
@@ -494,10 +496,10 @@ def ensure_phantom(root, n_patients: int = 20, n_extra: int = 4, seed: int = 0,
     n_frames = _check_int(n_frames, "n_frames", 3, 99)
     acdc = _ensure_dataset(
         root / "acdc", lambda folder: write_acdc_phantom(folder, n_patients=n_patients, seed=seed, n_frames=n_frames),
-        {"generator": "cmr_utils.phantom.write_acdc_phantom", "format_version": _FORMAT_VERSION,
+        {"generator": "cmr_utils.phantom.write_acdc_phantom", "format_version": FORMAT_VERSION,
          "n_patients": n_patients, "seed": seed, "n_frames": n_frames})
     decathlon = _ensure_dataset(
         root / "decathlon", lambda folder: write_decathlon_phantom(folder, n_cases=n_extra, seed=seed),
-        {"generator": "cmr_utils.phantom.write_decathlon_phantom", "format_version": _FORMAT_VERSION,
+        {"generator": "cmr_utils.phantom.write_decathlon_phantom", "format_version": FORMAT_VERSION,
          "n_cases": n_extra, "seed": seed})
     return acdc, decathlon

@@ -58,8 +58,9 @@ def kept_budgets(budgets: list, n_train_slices: int | None, n_train_patients: in
 
 def finetune_runs(params: dict, n_train_slices: int | None = None, n_train_patients: int | None = None) -> list[dict]:
     """Every fine-tuning run of the sweep: init x budget (and its ``-trained`` variant, see ``budget_variants``)
-    x seed. ``slices`` names the run's labelled slices (``cmr_utils.finetune.sample_budgets``' key): a
-    ``150-trained`` run trains on the slices of ``150`` of its seed, so the two are paired.
+    x seed (``finetune.seeds_all`` for the all-label runs, ``finetune.seeds`` for the others). ``slices`` names the
+    run's labelled slices (``cmr_utils.finetune.sample_budgets``' key): a ``150-trained`` run trains on the slices of
+    ``150`` of its seed, so the two are paired.
 
     With ``n_train_slices`` (the training split's slice count), the budgets the data cannot hold are left out
     (see the module docstring); without it, every budget of the profile is listed. The study's runs come from
@@ -70,7 +71,7 @@ def finetune_runs(params: dict, n_train_slices: int | None = None, n_train_patie
     return [{"init": i, "budget": label, "seed": s, "name": run_name(i, label, s), "slices": str(b),
              "encoder": encoder}
             for i in ft["inits"] for b in budgets for label, encoder in budget_variants(b, ft)
-            for s in ft["seeds"]]
+            for s in (ft["seeds_all"] if b == "all" else ft["seeds"])]
 
 
 TRAINED = "-trained"  # the budget label of a run below freeze_below whose encoder is trained, e.g. ``150-trained``

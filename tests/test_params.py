@@ -243,8 +243,8 @@ def test_a_profile_extends_another(tmp_path, monkeypatch):
     # paper-check runs every stage of the study's protocol on a CPU: only sizes, epochs and seeds differ
     ("paper-check", {"data.image_size", "data.phantom.patients", "data.phantom.extra_cases", "data.phantom.frames",
                      "pretrain.image_size", "pretrain.max_epochs", "pretrain.patience", "finetune.seeds",
-                     "finetune.epochs", "finetune.epochs_budget", "trainer.accelerator", "trainer.num_workers",
-                     "explain.max_slices"}),
+                     "finetune.seeds_all", "finetune.epochs", "finetune.epochs_budget", "trainer.accelerator",
+                     "trainer.num_workers", "explain.max_slices"}),
     # paper-cluster is the study's protocol with another trainer
     ("paper-cluster", {"trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy"}),
 ])

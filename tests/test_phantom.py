@@ -97,7 +97,7 @@ def test_nifti_headers(acdc):
         zooms = cine.header.get_zooms()
         assert len(zooms) == 4 and zooms[3] > 0
         sx, sy, sz = zooms[:3]
-        assert sx == sy and 1.2 <= sx <= 1.9 and 5.0 <= sz <= 10.0
+        assert sx == sy and 180 <= sx * min(x, y) <= 230.01 and 5.0 <= sz <= 10.0  # a 180-230 mm field of view
         assert cine.get_data_dtype() == np.int16
         es = es_frame(acdc / name)
         for stem, dtype in [("frame01", np.int16), ("frame01_gt", np.uint8),

@@ -91,9 +91,18 @@ def test_budget_above_count_dropped_with_one_line(tmp_path, rng, profile, capsys
     assert "'random-8-s0' is not in the plan" in refusal and "budgets 40, 12, 8 dropped" in refusal
 
 
+def test_all_label_runs_take_their_own_seeds(profile):
+    params = profile(["all", 60])
+    params["finetune"].update(inits=["random"], seeds=[0, 1, 2], seeds_all=[3], budgets_below_freeze="frozen")
+    assert [r["name"] for r in P.finetune_runs(params)] == ["random-all-s3", "random-60-s0", "random-60-s1",
+                                                             "random-60-s2"]
+    assert [r["name"] for r in P.finetune_runs(load_profile("default")) if r["init"] == "random"] == [
+        "random-all-s0", "random-60-s0", "random-60-s1"]
+
+
 def test_budgets_below_freeze_are_also_run_trained_on_the_same_slices(profile):
     params = profile(["all", 1500, 150])
-    params["finetune"].update(freeze_below=1000, seeds=[0, 1])
+    params["finetune"].update(freeze_below=1000, seeds=[0, 1], seeds_all=[0, 1])
     runs = P.finetune_runs(params)
     random = [(r["name"], r["budget"], r["slices"], r["encoder"]) for r in runs if r["init"] == "random"]
     assert random == [("random-all-s0", "all", "all", "rule"), ("random-all-s1", "all", "all", "rule"),
