@@ -168,9 +168,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 DEFAULT_RECIPE = {"loss": "dice", "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
-                  "warmup_epochs": 0, "augment": {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0,
-                                                  "crop": 0, "whole_epochs": 0, "contrast": 0, "brightness": 0,
-                                                  "noise": 0, "blur": 0}}
+                  "warmup_epochs": 0, "pretrained_lr_scale": 1.0,
+                  "augment": {"flips": True, "rotation_deg": 0, "scale": 0, "gamma": 0, "crop": 0, "whole_epochs": 0,
+                              "contrast": 0, "brightness": 0, "noise": 0, "blur": 0}}
 
 
 def crop_epochs(epochs: int, whole_epochs: int, crop: int, frozen_encoder: bool) -> int:
@@ -285,13 +285,30 @@ class SegmentationModule(_lightning().LightningModule):
     def on_validation_epoch_end(self):
         self._log_scores("val")
 
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters in optimiser groups: what pretraining (or ImageNet) made at ``lr`` times the
+        recipe's ``pretrained_lr_scale``, the rest (the output head, a decoder no method pretrained) at ``lr``."""
+        scale = self.recipe["pretrained_lr_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise ValueError(f"finetune.pretrained_lr_scale: expected a number in (0, 1], got {scale!r}")
+        pretrained = set()
+        if self.hparams.init != "random":
+            pretrained |= {id(p) for p in self.model.encoder.parameters()}
+        if self.hparams.decoder_path is not None:
+            pretrained |= {id(p) for p in self.model.decoder.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in pretrained], "lr": self.hparams.lr},
+                  {"params": [p for p in trainable if id(p) in pretrained], "lr": self.hparams.lr * scale}]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        groups = self.parameter_groups()
+        params = [p for g in groups for p in g["params"]]
         kind, decay = self.recipe["optimizer"], self.recipe["weight_decay"]
         if kind == "adam":
-            optimiser = torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
+            optimiser = torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
         elif kind == "adamw":
-            optimiser = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
+            optimiser = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=decay, **fused_optimizer(params))
         else:
             raise ValueError(f"finetune.optimizer: expected 'adam' or 'adamw', got {kind!r}")
         total = max(1, int(self.trainer.estimated_stepping_batches))

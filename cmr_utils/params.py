@@ -22,6 +22,8 @@ from .paths import PARAMS_DIR
 # Lists are given as ("list", element type); a number or a list of exactly two numbers as NUMBER_OR_PAIR.
 NUMBER = (int, float)
 NUMBER_OR_PAIR = ("number_or_pair",)
+# the finetune keys that make a run's training recipe (recorded in result.json and plans.json)
+RECIPE_KEYS = ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "pretrained_lr_scale", "augment")
 SCHEMA: dict[str, Any] = {
     "data": {
         "image_size": int,
@@ -63,6 +65,7 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": NUMBER,
         "schedule": str,
         "warmup_epochs": NUMBER,
+        "pretrained_lr_scale": NUMBER,
         "augment": {"flips": bool, "rotation_deg": NUMBER, "scale": NUMBER_OR_PAIR, "gamma": NUMBER, "crop": int,
                     "whole_epochs": int, "contrast": NUMBER, "brightness": NUMBER, "noise": NUMBER, "blur": NUMBER},
     },

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .paths import Workspace
 from .provenance import git_state, package_versions
-from .params import profile_path
+from .params import RECIPE_KEYS, profile_path
 
 
 
@@ -60,13 +60,13 @@ def colophon(ws: Workspace, manifest: dict) -> dict[str, pd.DataFrame | str]:
 # ------------------------------------------------------------------------------------------------------------
 # the fine-tuning recipe in words
 
-RECIPE_KEYS = ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")
 PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16 mixed precision",
               "16-mixed": "fp16 mixed precision", "bf16-true": "bf16", "16-true": "fp16"}
 # what the comparison with the study (params/paper.yaml) looks at, and what a difference is called
 PROTOCOL = {("finetune", "loss"): "loss", ("finetune", "optimizer"): "optimiser",
             ("finetune", "weight_decay"): "weight decay", ("finetune", "lr"): "learning rate",
             ("finetune", "schedule"): "schedule", ("finetune", "warmup_epochs"): "warm-up",
+            ("finetune", "pretrained_lr_scale"): "learning rate",
             ("finetune", "augment"): "augmentation", ("finetune", "epochs"): "epochs", ("finetune", "epochs_budget"): "epochs",
             ("finetune", "val_every"): "model selection", ("finetune", "val_every_budget"): "model selection",
             ("finetune", "batch_size_all"): "batch sizes", ("finetune", "batch_size_budget"): "batch sizes",
@@ -245,6 +245,8 @@ def describe_recipe(params: dict, results=None, *, profile: str | None = None, d
                          f"out of date for some runs; the profile's recipe is described")
     optimiser = {"adam": "Adam", "adamw": "AdamW"}.get(recipe["optimizer"], recipe["optimizer"])
     settings = f"lr {_number(ft['lr'])}"
+    if recipe.get("pretrained_lr_scale", 1) != 1:
+        settings += f", pretrained weights at {_number(recipe['pretrained_lr_scale'])}× it"
     if recipe["weight_decay"]:
         settings += f", weight decay {_number(recipe['weight_decay'])}"
     loss = {"dice": "Dice loss", "dice_ce": "Dice + cross-entropy loss"}.get(recipe["loss"], recipe["loss"])

@@ -35,7 +35,7 @@ from cmr_utils.distributed import is_main_process
 from cmr_utils.files import write_json_atomic
 from cmr_utils.finetune import run_schedule, sample_budgets, train_segmentation
 from cmr_utils.models import WeightsUnavailable, pretrained_parts
-from cmr_utils.params import load_profile
+from cmr_utils.params import RECIPE_KEYS, load_profile
 from cmr_utils.plan import plan_runs
 from cmr_utils.plans import Preprocessing
 from cmr_utils.prepare import Prepared
@@ -74,7 +74,7 @@ try:
         prepared.images("train"), prepared.labels("train"), prepared.images("val"), prepared.labels("val"), out,
         init=init, indices=indices, seed=seed, epochs=epochs, batch_size=batch_size, lr=cfg["lr"],
         freeze_encoder=frozen, trainer=params["trainer"], name=run, val_every=val_every,
-        recipe={k: cfg[k] for k in ("loss", "optimizer", "weight_decay", "schedule", "warmup_epochs", "augment")},
+        recipe={k: cfg[k] for k in RECIPE_KEYS},
         encoder_path=ws.encoder_path(init) if "encoder" in parts else None,
         decoder_path=ws.decoder_path(init) if "decoder" in parts else None,
         preprocessing=Preprocessing.from_manifest(prepared.manifest, str(ws.prepared / "manifest.json")),

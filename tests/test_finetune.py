@@ -348,3 +348,33 @@ def test_validation_scores_are_stage_04s_scores_of_the_same_slices():
     assert {name: logged[f"val_dice_{name}"] for name in scores} == pytest.approx(dice)
     assert dice == pytest.approx({"RV": 1.0, "MYO": 2 / 3, "LV": 2 / 3})
     assert logged["val_dice"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_pretrained_weights_get_the_scaled_learning_rate(tmp_path):
+    from cmr_utils.encoders import build_backbone
+    from cmr_utils.finetune import SegmentationModule
+    from cmr_utils.models import build_fpn
+    from cmr_utils.ssl.train import save_pretrained
+
+    encoder_path = tmp_path / "encoder.pt"
+    save_pretrained({"encoder": build_backbone().state_dict(), "decoder": build_fpn(4).decoder.state_dict()},
+                    encoder_path, {"method": "mim"})
+    recipe = {**WORKING_RECIPE, "pretrained_lr_scale": 0.1}
+
+    def group_sizes(module):
+        return [(g["lr"], sum(p.numel() for p in g["params"])) for g in module.parameter_groups()]
+
+    model = build_fpn(4)
+    n_encoder, n_decoder, n_head = (sum(p.numel() for p in part.parameters())
+                                    for part in (model.encoder, model.decoder, model.segmentation_head))
+    random = SegmentationModule("random", lr=1e-3, recipe=recipe)
+    assert group_sizes(random) == [(1e-3, n_encoder + n_decoder + n_head)]  # nothing pretrained: one lr
+    simsiam = SegmentationModule("simsiam", str(encoder_path), lr=1e-3, recipe=recipe)
+    assert group_sizes(simsiam) == [(1e-3, n_decoder + n_head), (pytest.approx(1e-4), n_encoder)]
+    mim = SegmentationModule("mim", str(encoder_path), lr=1e-3, recipe=recipe,
+                             decoder_path=str(encoder_path.with_name("decoder.pt")))
+    assert group_sizes(mim) == [(1e-3, n_head), (pytest.approx(1e-4), n_encoder + n_decoder)]
+    frozen = SegmentationModule("simsiam", str(encoder_path), lr=1e-3, freeze_encoder=True, recipe=recipe)
+    assert group_sizes(frozen) == [(1e-3, n_decoder + n_head)]  # a frozen encoder is not in the optimiser
+    with pytest.raises(ValueError, match=r"finetune.pretrained_lr_scale: expected a number in \(0, 1\], got 0"):
+        SegmentationModule("random", lr=1e-3, recipe={**recipe, "pretrained_lr_scale": 0}).parameter_groups()

@@ -9,7 +9,8 @@ import pytest
 
 from cmr_utils.params import load_profile
 from cmr_utils.plan import Plan
-from cmr_utils.report import RECIPE_KEYS, describe_plan, describe_recipe
+from cmr_utils.params import RECIPE_KEYS
+from cmr_utils.report import describe_plan, describe_recipe
 
 
 def result(params, precision="32-true", **recipe):
