@@ -98,7 +98,7 @@ def test_edits_that_touch_no_model_leave_every_run_up_to_date(project):
     project.edit("cmr_utils/report.py")
     project.edit("params/default.yaml", r"^(\s*max_slices:) *(\d+)", r"\g<1> 7")
     t = project.targets()
-    assert len(t["03"]) == 16 and len(t["02"]) == 2
+    assert len(t["03"]) == 4 * (1 + 2) and len(t["02"]) == 2  # every init: all labels with one seed, 60 with two
     assert project.up_to_date(t["01"] + t["02"] + t["03"])
     assert project.up_to_date(t["04"])  # the evaluation reads no explain.* and neither module
     assert not project.up_to_date(t["05"]) and not project.up_to_date(t["06"])
@@ -130,7 +130,8 @@ def test_a_new_seed_trains_only_its_runs_and_a_method_block_only_its_method(proj
     run = project.would_run()  # (the plan made again: its runs are read below)
     t = project.targets()
     new = {p for p in t["03"] if p.endswith("-s2.ipynb")} | {p for p in t["02"] + t["03"] if "-swav" in p}
-    assert len(new) == 4 * 2 + 2 * 2 + 1  # seed 2 of each init and budget, swav's other runs, swav's pretraining
+    assert len(new) == 4 + 3 + 1  # seed 2 of each init's 60-slice runs (the all-label runs keep seeds_all), swav's
+    # other three runs, swav's pretraining
     assert project.up_to_date(t["01"] + sorted(set(t["02"] + t["03"]) - new))
     assert run == new | set(t["04"] + t["05"] + t["06"])
 
