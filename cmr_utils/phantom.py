@@ -28,11 +28,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ACDC_GROUPS", "FORMAT_VERSION", "PHANTOM_MARKER", "write_acdc_phantom", "write_decathlon_phantom", "ensure_phantom"]
+__all__ = ["ACDC_GROUPS", "FORMAT_VERSION", "PHANTOM_MARKER", "write_acdc_phantom", "write_decathlon_phantom",
+           "ensure_phantom"]
 
 ACDC_GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")  # patients cycle through them in this order
 PHANTOM_MARKER = "phantom.json"  # provenance file at the top of each generated dataset
-FORMAT_VERSION = 2  # bump when the generator's output changes, so stale phantoms are detected
+FORMAT_VERSION = 2  # bump when the generator's output changes: it names the phantom's folder (paths.phantom_dir)
 _ACDC_STREAM, _DECATHLON_STREAM = 0xACDC, 0xDEC  # keep the two datasets' random streams apart
 
 # Tissue classes of the image (labels are separate: only RV, MYO and LV are labelled).
