@@ -46,7 +46,7 @@ def test_a_profile_block_overrides_only_what_it_names():
     assert model["proj_dim"] == 16 and model["transform_kwargs"] == {"n_local": 2, "local_size": 24}
     del params["pretrain"]["glcl"]
     training, model = pretrain_settings(params, "glcl")  # no block: the registered defaults
-    assert training["keep"] == "last" and training["max_epochs"] == 10 and model["global_epochs"] == 5
+    assert training["keep"] == "last" and training["max_epochs"] == 60 and model["global_epochs"] == 30
     params["pretrain"]["glcl"] = {"max_epochs": 4, "global_epochs": 2, "transform_kwargs": {"blur_prob": 0.0}}
     training, model = pretrain_settings(validate(params), "glcl")
     assert training["max_epochs"] == 4 and model["transform_kwargs"] == {"n_views": 2, "blur_prob": 0.0}

@@ -102,7 +102,7 @@ class GlobalLocalContrastiveModule(SSLModule):
 
     method_name = "glcl"
 
-    def __init__(self, global_epochs: int = 5, partitions: int = 4, regions: int = 4, temperature: float = 0.1,
+    def __init__(self, global_epochs: int = 30, partitions: int = 4, regions: int = 4, temperature: float = 0.1,
                  proj_dim: int = 128, local_dim: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
                  max_epochs: int | None = None):
         super().__init__()
@@ -168,8 +168,9 @@ class GlobalLocalContrastiveModule(SSLModule):
 register(Method(
     name="glcl", display="Global + local contrastive", colour="tab:red", model=GlobalLocalContrastiveModule,
     views=make_native_views, transfers=("encoder", "decoder"), positions=True,
-    # stage-wise: the loss changes meaning at global_epochs, so the last epoch is kept, never the lowest loss
-    defaults={"lr": 1.0e-3, "keep": "last", "max_epochs": 10, "global_epochs": 5, "transform_kwargs": {"n_views": 2}},
+    # stage-wise: the loss changes meaning at global_epochs, so the last epoch is kept, never the lowest loss;
+    # 30 + 30 epochs: 3 labelled patients +0.086 over random on validation (5 + 5: +0.025; 15 + 15: +0.060)
+    defaults={"lr": 1.0e-3, "keep": "last", "max_epochs": 60, "global_epochs": 30, "transform_kwargs": {"n_views": 2}},
     summary="slices from the same part of the short axis of any volume attract (encoder), then matching regions "
             "of two views attract on the decoder's feature map (Chaitanya et al. 2020)",
 ))
