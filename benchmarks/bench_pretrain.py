@@ -1,12 +1,14 @@
-"""Pretraining throughput: images per second of SimSiam and SwAV training steps (forward, backward,
-optimiser step) on a ResNet18 backbone, plus the CPU cost of making the views.
+"""Pretraining throughput: images per second of each registered method's training steps (forward, backward,
+optimiser step) with its registered defaults, plus the CPU cost of making its views.
 
 Each timed step runs on one fixed batch of already-augmented views, so the figure is the model's speed,
 not the data loader's; the "aug slices/s" column is the single-process speed of the view transform,
-to compare against (with num_workers=0 a training step costs both).
+to compare against (with num_workers=0 a training step costs both). Global + local contrastive is timed per
+stage (``glcl:global``, the encoder; ``glcl:local``, the decoder with the encoder frozen). The last column is each
+row's step time over SimSiam's at the same size.
 
-    python benchmarks/bench_pretrain.py                       # CPU, 2 threads, 64 and 128 px
-    python benchmarks/bench_pretrain.py --sizes 64
+    python benchmarks/bench_pretrain.py                       # CPU, 2 threads, 64 and 96 px, batch 32
+    python benchmarks/bench_pretrain.py --sizes 64 --methods simsiam glcl
     python benchmarks/bench_pretrain.py --sizes 224 --device cuda --bf16 --channels-last
 """
 from __future__ import annotations
@@ -23,9 +25,9 @@ from cmr_utils import ssl
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sizes in pixels")
-    parser.add_argument("--methods", nargs="+", default=sorted(ssl.METHODS), choices=sorted(ssl.METHODS))
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per step")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="image sizes in pixels")
+    parser.add_argument("--methods", nargs="+", default=list(ssl.METHODS), choices=list(ssl.METHODS))
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per step")
     parser.add_argument("--n-local", type=int, default=6, help="SwAV local crops per slice")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -54,30 +56,59 @@ def synthetic_slices(n: int, size: int) -> torch.Tensor:
 
 
 def make_views(method: str, size: int, args: argparse.Namespace) -> tuple[list[torch.Tensor], float]:
-    """One batch of views (list of (B, 1, h, w)) and the transform's speed in slices per second."""
-    transform_kwargs = {"n_local": args.n_local} if method == "swav" else {}
-    transform = ssl.get_method(method)["transform"](size, **transform_kwargs)
+    """One batch as the method's loss takes it (list of (B, 1, h, w) views, then the slices' positions where the
+    method needs them) and the transform's speed in slices per second."""
+    spec = ssl.get_method(method)
+    transform_kwargs = dict(ssl.method_settings(method, None).get("transform_kwargs", {}))
+    if method == "swav":
+        transform_kwargs["n_local"] = args.n_local
+    transform = spec.views(size, **transform_kwargs)
     slices = synthetic_slices(args.batch_size, size)
     start = time.perf_counter()
     per_slice = [transform(image) for image in slices]
     aug_rate = len(slices) / (time.perf_counter() - start)
     views = [torch.stack(group) for group in zip(*per_slice)]
+    if spec.positions:
+        views.append(torch.linspace(0.0, 0.99, args.batch_size))  # every part of the short axis present
     return views, aug_rate
 
 
-def time_method(method: str, size: int, args: argparse.Namespace) -> dict[str, float]:
+def method_model(method: str) -> torch.nn.Module:
+    """The method's LightningModule with its registered defaults (model keyword arguments, lr, max_epochs)."""
+    settings = ssl.method_settings(method, None)
+    kwargs = {k: v for k, v in settings.items()
+              if k not in ssl.registry.TRAINING_KEYS and k != "transform_kwargs" or k in ("lr", "max_epochs")}
+    return ssl.get_method(method).model(**kwargs)
+
+
+# rows: (label, method, the loss a step computes: None for the method's compute_loss, else the stage's loss)
+def rows(methods: list[str]) -> list[tuple[str, str, str | None]]:
+    out = []
+    for method in methods:
+        if method == "glcl":
+            out += [("glcl:global", method, "global_loss"), ("glcl:local", method, "local_loss")]
+        else:
+            out.append((method, method, None))
+    return out
+
+
+def time_method(method: str, loss_name: str | None, size: int, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     views, aug_rate = make_views(method, size, args)
-    views = [v.to(device).contiguous(memory_format=memory_format) for v in views]
+    views = [v.to(device).contiguous(memory_format=memory_format) if v.ndim == 4 else v.to(device) for v in views]
     torch.manual_seed(0)
-    module = ssl.get_method(method)["model"]().to(device).to(memory_format=memory_format).train()
+    module = method_model(method).to(device).to(memory_format=memory_format).train()
+    compute = module.compute_loss if loss_name is None else getattr(module, loss_name)
+    if loss_name == "local_loss":  # the local stage: the encoder frozen, as on_train_epoch_start makes it
+        module.encoder.requires_grad_(False)
+        module.encoder.eval()
     configured = module.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = module.compute_loss(views)
+            loss, _ = compute(views)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,13 +125,14 @@ def time_method(method: str, size: int, args: argparse.Namespace) -> dict[str, f
             torch.cuda.synchronize()
         durations.append(time.perf_counter() - start)
     median = statistics.median(durations)
+    n_views = sum(v.ndim == 4 for v in views)
     return {
-        "views": len(views),
+        "views": n_views,
         "step_ms": 1000 * median,
         "min_ms": 1000 * min(durations),
         "max_ms": 1000 * max(durations),
         "slices_per_s": args.batch_size / median,
-        "views_per_s": args.batch_size * len(views) / median,
+        "views_per_s": args.batch_size * n_views / median,
         "aug_slices_per_s": aug_rate,
     }
 
@@ -114,16 +146,21 @@ def main() -> None:
         f"{'bf16' if args.bf16 else 'fp32'} | {'channels_last' if args.channels_last else 'NCHW'} | "
         f"median of {args.steps} steps after {args.warmup} warm-up | SwAV: 2 global + {args.n_local} local crops"
     )
-    header = f"{'method':<8} {'size':>5} {'views':>5} {'step ms':>9} {'min-max ms':>15} {'slices/s':>9} {'views/s':>9} {'aug slices/s':>13}"
+    header = (f"{'method':<12} {'size':>5} {'views':>5} {'step ms':>9} {'min-max ms':>15} {'slices/s':>9} "
+              f"{'views/s':>9} {'aug slices/s':>13} {'x SimSiam':>10}")
     print(header)
     print("-" * len(header))
+    methods = args.methods if "simsiam" not in args.methods else ["simsiam"] + [m for m in args.methods if m != "simsiam"]
     for size in args.sizes:
-        for method in args.methods:
-            r = time_method(method, size, args)
+        reference = None
+        for label, method, loss_name in rows(methods):
+            r = time_method(method, loss_name, size, args)
+            reference = r["step_ms"] if method == "simsiam" else reference
+            ratio = f"{r['step_ms'] / reference:>10.2f}" if reference else f"{'-':>10}"
             print(
-                f"{method:<8} {size:>5} {r['views']:>5} {r['step_ms']:>9.1f} "
+                f"{label:<12} {size:>5} {r['views']:>5} {r['step_ms']:>9.1f} "
                 f"{r['min_ms']:>7.0f}-{r['max_ms']:<7.0f} {r['slices_per_s']:>9.1f} "
-                f"{r['views_per_s']:>9.1f} {r['aug_slices_per_s']:>13.1f}",
+                f"{r['views_per_s']:>9.1f} {r['aug_slices_per_s']:>13.1f} {ratio}",
                 flush=True,
             )
 

@@ -142,21 +142,32 @@ class GlobalLocalContrastiveModule(SSLModule):
     def compute_loss(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         if len(batch) != 3:
             raise ValueError(f"glcl needs 2 views and the slice position per item, got {len(batch)} entries")
-        v0, v1, position = batch
-        hp = self.hparams
-        generator = None if self.training else torch.Generator().manual_seed(4321)  # fixed poses for validation
+        return self.local_loss(batch) if self.local_stage else self.global_loss(batch)
+
+    def _posed(self, v0: Tensor, v1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Both views, each turned by its own random pose (fixed poses for validation), and the poses (2, B)."""
+        generator = None if self.training else torch.Generator().manual_seed(4321)
         poses = torch.randint(0, 8, (2, len(v0)), generator=generator)
-        v0, v1 = dihedral(v0, poses[0]), dihedral(v1, poses[1])
-        if not self.local_stage:
-            z = self.global_head(torch.cat([self.encoder(v0)[-1], self.encoder(v1)[-1]]).mean(dim=(2, 3)))
-            labels = partition_of(position, hp.partitions).repeat(2)
-            return global_contrastive_loss(z, labels, hp.temperature), z[: len(v0)].detach()
+        return dihedral(v0, poses[0]), dihedral(v1, poses[1]), poses
+
+    def global_loss(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Stage 1: the domain-specific global loss on the encoder's pooled features."""
+        v0, v1, position = batch
+        v0, v1, _ = self._posed(v0, v1)
+        z = self.global_head(torch.cat([self.encoder(v0)[-1], self.encoder(v1)[-1]]).mean(dim=(2, 3)))
+        labels = partition_of(position, self.hparams.partitions).repeat(2)
+        return global_contrastive_loss(z, labels, self.hparams.temperature), z[: len(v0)].detach()
+
+    def local_loss(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Stage 2: the local loss on the decoder's feature maps, the encoder run without gradients."""
+        v0, v1, _ = batch
+        v0, v1, poses = self._posed(v0, v1)
         with torch.no_grad():
             features = [self.encoder(v) for v in (v0, v1)]
         f0, f1 = (dihedral(self.local_head(self.decoder(f)), pose, inverse=True)
                   for f, pose in zip(features, poses))
         z = self.global_head(features[0][-1].mean(dim=(2, 3)))
-        return local_contrastive_loss(f0, f1, hp.regions, hp.temperature), z.detach()
+        return local_contrastive_loss(f0, f1, self.hparams.regions, self.hparams.temperature), z.detach()
 
     def transfer_state(self) -> dict[str, dict[str, Tensor]]:
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
