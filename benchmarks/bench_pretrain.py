@@ -3,9 +3,9 @@ optimiser step) with its registered defaults, plus the CPU cost of making its vi
 
 Each timed step runs on one fixed batch of already-augmented views, so the figure is the model's speed,
 not the data loader's; the "aug slices/s" column is the single-process speed of the view transform,
-to compare against (with num_workers=0 a training step costs both). Global + local contrastive is timed per
-stage (``glcl:global``, the encoder; ``glcl:local``, the decoder with the encoder frozen). The last column is each
-row's step time over SimSiam's at the same size.
+to compare against (with num_workers=0 a training step costs both). A stage-wise method is timed per stage
+(global + local contrastive: ``glcl:global``, the encoder; ``glcl:local``, the decoder with the encoder frozen). The
+last column is each row's step time over SimSiam's at the same size.
 
     python benchmarks/bench_pretrain.py                       # CPU, 2 threads, 64 and 96 px, batch 32
     python benchmarks/bench_pretrain.py --sizes 64 --methods simsiam glcl
@@ -81,34 +81,31 @@ def method_model(method: str) -> torch.nn.Module:
     return ssl.get_method(method).model(**kwargs)
 
 
-# rows: (label, method, the loss a step computes: None for the method's compute_loss, else the stage's loss)
 def rows(methods: list[str]) -> list[tuple[str, str, str | None]]:
+    """(label, method, stage): one row per method, one per stage of a stage-wise method (``model.stages``)."""
     out = []
     for method in methods:
-        if method == "glcl":
-            out += [("glcl:global", method, "global_loss"), ("glcl:local", method, "local_loss")]
-        else:
-            out.append((method, method, None))
+        stages = ssl.get_method(method).model.stages
+        out += [(f"{method}:{stage}", method, stage) for stage in stages] or [(method, method, None)]
     return out
 
 
-def time_method(method: str, loss_name: str | None, size: int, args: argparse.Namespace) -> dict[str, float]:
+def time_method(method: str, stage: str | None, size: int, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     views, aug_rate = make_views(method, size, args)
     views = [v.to(device).contiguous(memory_format=memory_format) if v.ndim == 4 else v.to(device) for v in views]
     torch.manual_seed(0)
     module = method_model(method).to(device).to(memory_format=memory_format).train()
-    compute = module.compute_loss if loss_name is None else getattr(module, loss_name)
-    if loss_name == "local_loss":  # the local stage: the encoder frozen, as on_train_epoch_start makes it
-        module.encoder.requires_grad_(False)
-        module.encoder.eval()
+    if stage is not None:
+        module.stage = stage
+        module.on_train_epoch_start()  # what the stage freezes at the start of its epochs
     configured = module.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = compute(views)
+            loss, _ = module.compute_loss(views)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,8 +150,8 @@ def main() -> None:
     methods = args.methods if "simsiam" not in args.methods else ["simsiam"] + [m for m in args.methods if m != "simsiam"]
     for size in args.sizes:
         reference = None
-        for label, method, loss_name in rows(methods):
-            r = time_method(method, loss_name, size, args)
+        for label, method, stage in rows(methods):
+            r = time_method(method, stage, size, args)
             reference = r["step_ms"] if method == "simsiam" else reference
             ratio = f"{r['step_ms'] / reference:>10.2f}" if reference else f"{'-':>10}"
             print(

@@ -163,6 +163,24 @@ def test_glcl_freezes_the_encoder_in_its_local_stage():
         del type(module).current_epoch
 
 
+def test_a_forced_glcl_stage_trains_only_its_part():
+    torch.manual_seed(0)
+    module = ssl.GlobalLocalContrastiveModule(global_epochs=1, max_epochs=2).train()
+    batch = [torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32), torch.tensor([0.1, 0.3, 0.6, 0.9])]
+    grads = {}
+    for stage in module.stages:
+        module.stage = stage
+        module.on_train_epoch_start()
+        module.zero_grad(set_to_none=True)
+        module.compute_loss(batch)[0].backward()
+        grads[stage] = {part: any(p.grad is not None for p in getattr(module, part).parameters())
+                        for part in ("encoder", "decoder")}
+    assert grads == {"global": {"encoder": True, "decoder": False}, "local": {"encoder": False, "decoder": True}}
+    module.stage = "finetune"
+    with pytest.raises(ValueError, match="expected one of"):
+        module.compute_loss(batch)
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_train_and_save_a_whole_network_method(tmp_path):
     result = ssl.train_ssl("mim", slices(16), slices(6, seed=1), tmp_path / "mim", image_size=32, batch_size=4,

@@ -43,6 +43,10 @@ class SSLModule(pl.LightningModule):
 
     method_name = "ssl"
     embedding_dim: int | None = None  # None: no embedding, no collapse monitor
+    # a stage-wise method's stages in training order; setting ``stage`` to one of them runs that stage whatever the
+    # epoch (after ``on_train_epoch_start``): how a benchmark times each stage alone
+    stages: tuple[str, ...] = ()
+    stage: str | None = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -128,8 +128,14 @@ class GlobalLocalContrastiveModule(SSLModule):
                                local_dim, conv=True)
         self.embedding_dim = proj_dim
 
+    stages = ("global", "local")
+
     @property
     def local_stage(self) -> bool:
+        if self.stage is not None:
+            if self.stage not in self.stages:
+                raise ValueError(f"glcl stage {self.stage!r}: expected one of {self.stages}")
+            return self.stage == "local"
         return self.current_epoch >= self.hparams.global_epochs
 
     def on_train_epoch_start(self) -> None:
