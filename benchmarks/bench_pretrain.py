@@ -14,6 +14,7 @@ last column is each row's step time over SimSiam's at the same size.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -28,7 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="image sizes in pixels")
     parser.add_argument("--methods", nargs="+", default=list(ssl.METHODS), choices=list(ssl.METHODS))
     parser.add_argument("--batch-size", type=int, default=32, help="slices per step")
-    parser.add_argument("--n-local", type=int, default=6, help="SwAV local crops per slice")
+    parser.add_argument("--n-local", type=int, default=6, help="local crops per slice of a multi-crop method (SwAV)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -60,7 +61,7 @@ def make_views(method: str, size: int, args: argparse.Namespace) -> tuple[list[t
     method needs them) and the transform's speed in slices per second."""
     spec = ssl.get_method(method)
     transform_kwargs = dict(ssl.method_settings(method, None).get("transform_kwargs", {}))
-    if method == "swav":
+    if "n_local" in inspect.signature(spec.views).parameters:  # multi-crop views (SwAV)
         transform_kwargs["n_local"] = args.n_local
     transform = spec.views(size, **transform_kwargs)
     slices = synthetic_slices(args.batch_size, size)

@@ -21,8 +21,9 @@ one small module (or subpackage) per concern:
 - ``models``         the one model factory (ResNet18 backbone, FPN, every initialisation)
 - ``training``       what both training stages share about running PyTorch Lightning
 - ``distributed``    several processes training one model (DDP): rank and each process's share of the data
-- ``ssl/``           stage 02: SimSiam and SwAV pretraining (``views``, ``data``, ``methods``, ``collapse``,
-                     ``checks``, ``train``)
+- ``ssl/``           stage 02: self-supervised pretraining, one registry (``registry``) and one module per method
+                     (``simsiam``, ``swav``, ``mim``, ``glcl``), with ``base``, ``views``, ``data``, ``collapse``,
+                     ``checks``, ``train``
 - ``finetune``       stage 03: segmentation fine-tuning on label budgets
 - ``inference``      the one prediction path: label maps, logits and softmax probabilities in batches
 - ``metrics``        IoU, Dice, HD95, volumes, ejection fraction

@@ -22,3 +22,22 @@ def budget_order(budget) -> tuple:
         return (2, 0, "")
     number, _, rest = text.partition("-")
     return (1, int(number), rest) if number.isdigit() else (3, 0, text)
+
+
+def budget_label(budget, freeze_below: int | None = None) -> str:
+    """A budget in words for the report: ``p3`` -> "3 labelled patients", ``150`` -> "150 slices (encoder frozen)"
+    where the study's rule froze it (fewer than ``freeze_below`` slices), ``150-trained`` -> "150 slices (encoder
+    trained)", ``all`` -> "all labels"."""
+    text = str(budget)
+    k = patient_count(text)
+    if k is not None:
+        return f"{k} labelled patient{'s' if k > 1 else ''}"
+    if text == "all":
+        return "all labels"
+    number, _, rest = text.partition("-")
+    if not number.isdigit():
+        return text
+    if rest == "trained":
+        return f"{number} slices (encoder trained)"
+    frozen = freeze_below is not None and int(number) < freeze_below
+    return f"{number} slices{' (encoder frozen)' if frozen else ''}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from . import stats
-from .budgets import budget_order, patient_count
+from .budgets import budget_label, budget_order, patient_count
 
 KEYS = ["seed", "patient", "phase"]
 
@@ -43,21 +43,37 @@ def gains_over_random(volume_dice: pd.DataFrame, baseline: str = "random") -> pd
                              ignore_index=True)
 
 
-def answer(gains: pd.DataFrame, display: dict[str, str] | None = None) -> str:
-    """The answer in one paragraph: per budget, the best pretraining's gain over random with its interval, and whether
-    the interval lies above 0 (pays), below 0 (costs) or spans 0 (no measurable difference)."""
+def answer(gains: pd.DataFrame, display: dict[str, str] | None = None, methods=None,
+           freeze_below: int | None = None, alpha: float = 0.05) -> str:
+    """The answer in one paragraph. Per budget, the self-supervised method (``methods``; every initialisation but
+    random when ``None``) with the largest gain over random: it **pays** where its 95 % interval lies above 0 and its
+    bootstrap p, Holm-adjusted over the methods compared at that budget (``boot_p_holm``), is below ``alpha`` —
+    picking the best of several is what the adjustment pays for; it **costs** where the interval lies below 0 with
+    the same p; otherwise no measurable difference. The intervals resample test patients: the labelled patients (one
+    draw per seed) and each method's one pretraining run are fixed, and the answer says so."""
     if gains.empty:
         return "No budget has both random initialisation and a pretrained one: no answer to give."
     display = display or {}
+    if methods is not None:
+        gains = gains[gains["init"].isin(list(methods))]
+        if gains.empty:
+            return "No self-supervised method was compared with random initialisation: no answer to give."
+    p_column = "boot_p_holm" if "boot_p_holm" in gains else "boot_p"
     lines, paid = [], []
     for budget, group in gains.groupby("budget", sort=False):
         best = group.loc[group["mean_diff"].idxmax()]
-        verdict = ("pays" if best["ci_low"] > 0 else "costs" if best["ci_high"] < 0 else "makes no measurable "
-                   "difference")
-        if best["ci_low"] > 0:
-            paid.append(f"{budget} ({display.get(best['init'], best['init'])})")
-        lines.append(f"{budget}: best {display.get(best['init'], best['init'])} {best['mean_diff']:+.3f} "
-                     f"[{best['ci_low']:+.3f}, {best['ci_high']:+.3f}] — {verdict}")
-    head = (f"**Pretraining pays** (interval above 0) at {', '.join(paid)}." if paid else
-            "**Pretraining does not pay** at any budget here: no method's interval over random lies above 0.")
-    return head + " Best method minus random, test Dice paired over patients and seeds: " + "; ".join(lines) + "."
+        name, where = display.get(best["init"], best["init"]), budget_label(budget, freeze_below)
+        significant = best[p_column] < alpha
+        pays, costs = significant and best["ci_low"] > 0, significant and best["ci_high"] < 0
+        verdict = "pays" if pays else "costs" if costs else "makes no measurable difference"
+        if pays:
+            paid.append(f"{where} ({name})")
+        lines.append(f"{where}: best {name} {best['mean_diff']:+.3f} [{best['ci_low']:+.3f}, {best['ci_high']:+.3f}]"
+                     f" (p {best[p_column]:.2g}, Holm over {len(group)}) — {verdict}")
+    head = (f"**Pretraining pays** at {', '.join(paid)}." if paid else
+            "**Pretraining does not pay** at any budget here: no method's gain over random has an interval above 0 "
+            "and an adjusted p below 0.05.")
+    return (head + " Best method minus random, test Dice paired over patients and seeds (95 % patient-bootstrap "
+            "interval; bootstrap p, Holm-adjusted over the methods at each budget): " + "; ".join(lines) + ". The "
+            "intervals cover the test patients, not another draw of the labelled patients (one per seed) or another "
+            "pretraining run (one per method).")

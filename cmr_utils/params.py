@@ -254,6 +254,12 @@ def validate(params: dict, source: str = "parameters") -> dict:
     for method in params["pretrain"]["methods"]:
         if method not in methods:
             raise ParameterError(f"{source}: pretrain.methods: unknown method {method!r}; expected some of {methods}")
+        if METHODS[method].check is not None:  # the method's own rules on its merged settings (registry)
+            training, model = pretrain_settings(params, method)
+            try:
+                METHODS[method].check({**training, **model})
+            except ValueError as error:
+                raise ParameterError(f"{source}: pretrain.{method}: {error}") from None
     missing = [i for i in params["finetune"]["inits"] if i in methods and i not in params["pretrain"]["methods"]]
     if missing:
         raise ParameterError(f"{source}: finetune.inits {missing}: not pretrained; add them to pretrain.methods")

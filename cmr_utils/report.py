@@ -203,8 +203,10 @@ def _pretraining(params: dict, methods: list[str]) -> str:
         pretrained = " and ".join(spec.transfers)
         parts.append(f"{spec.display} ({spec.summary}; {pretrained} transferred): {how}, views of "
                      f"{training['image_size']} px, batch {training['batch_size']}")
-    return ("**Pretraining**, on every slice of the training and validation patients of the unlabelled pool and of "
-            "the extra sources: " + "; ".join(parts) + ".")
+    held = params["pretrain"]["val_fraction"]
+    return (f"**Pretraining**, on the slices of the training and validation patients of the labelled source and of the "
+            f"extra sources, {held:.0%} of those patients held out for the pretraining validation loss: "
+            + "; ".join(parts) + ".")
 
 
 def protocol_differences(params: dict, study: dict) -> list[str]:

@@ -10,7 +10,8 @@
 # # 02 · Self-supervised pretraining (one method of the registry `cmr_utils.ssl.METHODS`)
 #
 # **Inputs**: the unlabelled pretraining pool of stage 01: every slice of the training and validation patients'
-# volumes and of every extra source in `DATA` (no test patient is in it).
+# volumes and of every extra source in `DATA` (no test patient is in it); `pretrain.val_fraction` of its patients
+# give the validation loss, the rest are trained on.
 # **Outputs**: `runs/<data>/<profile>/pretrain/<method>/encoder.pt` (a plain state_dict with the encoder key
 # names of segmentation-models-pytorch) and its JSON sidecar; `decoder.pt` for the methods that pretrain the FPN
 # decoder too (masked image modelling, global + local contrastive); for other libraries, `encoder.safetensors`

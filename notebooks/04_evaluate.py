@@ -177,7 +177,7 @@ by_budget = figures.make(ws, "dice_by_budget.csv", volume_dice)
 gains = figures.make(ws, "gains_over_random.csv", volume_dice)
 if by_budget["labelled_patients"].notna().any():  # patient budgets (p1, p3, ...) in the sweep
     figures.make(ws, "label_efficiency.png", by_budget, prepared.manifest["counts"]["train_patients"], names)
-print(label_efficiency.answer(gains, names))
+print(label_efficiency.answer(gains, names, methods=ssl.METHODS, freeze_below=params["finetune"]["freeze_below"]))
 
 # %% [markdown]
 # ## ACDC's metrics per structure and phase (all labels): Dice and HD95

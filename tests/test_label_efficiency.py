@@ -31,11 +31,31 @@ def test_gains_are_the_paired_differences_and_the_answer_says_where_it_pays():
     glcl = gains[(gains["budget"] == "p3") & (gains["init"] == "glcl")].iloc[0]
     assert glcl["mean_diff"] == pytest.approx(0.1) and glcl["ci_low"] == pytest.approx(0.1)
     assert glcl["n_patients"] == 8 and glcl["n_pairs"] == 32
-    text = le.answer(gains, {"glcl": "Global + local contrastive"})
-    assert text.startswith("**Pretraining pays** (interval above 0) at p3 (Global + local contrastive).")
-    assert "150: best mim +0.000 [+0.000, +0.000] — makes no measurable difference" in text
+    text = le.answer(gains, {"glcl": "Global + local contrastive"}, freeze_below=1000)
+    assert text.startswith("**Pretraining pays** at 3 labelled patients (Global + local contrastive).")
+    assert "150 slices (encoder frozen): best mim +0.000 [+0.000, +0.000]" in text
+    assert "— makes no measurable difference" in text and "not another draw of the labelled patients" in text
     none = le.answer(le.gains_over_random(df[df["budget"] == "150"]))
     assert none.startswith("**Pretraining does not pay**")
+    # only the methods named count: ImageNet beating random is not self-supervised pretraining paying
+    imagenet = le.gains_over_random(volume_dice({("random", "p3"): 0.0, ("imagenet", "p3"): 0.2,
+                                                 ("glcl", "p3"): 0.0}))
+    assert le.answer(imagenet, methods=["glcl"]).startswith("**Pretraining does not pay**")
+    assert le.answer(imagenet).startswith("**Pretraining pays** at 3 labelled patients (imagenet)")
+
+
+def test_the_answer_needs_the_adjusted_p_not_only_the_interval():
+    gains = pd.DataFrame({"budget": ["p3", "p3"], "init": ["glcl", "mim"], "mean_diff": [0.02, 0.01],
+                          "ci_low": [0.001, -0.01], "ci_high": [0.04, 0.03], "boot_p": [0.03, 0.4],
+                          "boot_p_holm": [0.06, 0.4]})
+    assert "— makes no measurable difference" in le.answer(gains)  # interval above 0, adjusted p 0.06
+    assert "— pays" in le.answer(gains.drop(columns="boot_p_holm"))  # an older table: unadjusted p 0.03
+
+
+def test_budget_labels_say_patients_slices_and_the_encoder():
+    assert [le.budget_label(b, 1000) for b in ("p1", "p7", "150", "150-trained", "1200", "all")] == [
+        "1 labelled patient", "7 labelled patients", "150 slices (encoder frozen)", "150 slices (encoder trained)",
+        "1200 slices", "all labels"]
 
 
 def test_dice_by_budget_has_intervals_and_patient_counts():

@@ -52,6 +52,19 @@ def test_a_profile_block_overrides_only_what_it_names():
     assert training["max_epochs"] == 4 and model["transform_kwargs"] == {"n_views": 2, "blur_prob": 0.0}
 
 
+def test_glcl_settings_that_would_fail_in_stage_02_are_refused_when_the_profile_loads():
+    params = load_profile("tiny")
+    params["pretrain"]["glcl"] = {"max_epochs": 20}  # the registered global stage alone is 30 epochs
+    with pytest.raises(ParameterError, match=r"pretrain.glcl: global_epochs \(30\) must be below max_epochs \(20\)"):
+        validate(params)
+    params["pretrain"]["glcl"] = {"max_epochs": 4, "global_epochs": 2, "keep": "best"}
+    with pytest.raises(ParameterError, match="pretrain.glcl: keep: expected 'last'"):
+        validate(params)
+    params["pretrain"]["methods"] = ["simsiam"]  # a method the profile does not run is not checked
+    params["finetune"]["inits"] = ["random", "simsiam"]
+    validate(params)
+
+
 def test_a_profile_block_with_an_unknown_key_or_method_is_refused():
     params = load_profile("tiny")
     params["pretrain"]["mim"] = {"mask_ration": 0.5}

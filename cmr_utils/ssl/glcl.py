@@ -182,6 +182,17 @@ class GlobalLocalContrastiveModule(SSLModule):
         return self.adamw_cosine()
 
 
+def check_settings(settings: dict) -> None:
+    """A profile's glcl settings: the global stage ends before the last epoch, and the last epoch is kept (the loss
+    changes meaning at ``global_epochs``, so the lowest one could be a global-stage epoch with an untrained decoder)."""
+    if settings["global_epochs"] >= settings["max_epochs"]:
+        raise ValueError(f"global_epochs ({settings['global_epochs']}) must be below max_epochs "
+                         f"({settings['max_epochs']}): the local stage needs epochs of its own")
+    if settings["keep"] != "last":
+        raise ValueError(f"keep: expected 'last' (a stage-wise loss has no comparable best epoch), got "
+                         f"{settings['keep']!r}")
+
+
 register(Method(
     name="glcl", display="Global + local contrastive", colour="tab:red", model=GlobalLocalContrastiveModule,
     views=make_native_views, transfers=("encoder", "decoder"), positions=True,
@@ -190,4 +201,5 @@ register(Method(
     defaults={"lr": 1.0e-3, "keep": "last", "max_epochs": 60, "global_epochs": 30, "transform_kwargs": {"n_views": 2}},
     summary="slices from the same part of the short axis of any volume attract (encoder), then matching regions "
             "of two views attract on the decoder's feature map (Chaitanya et al. 2020)",
+    check=check_settings,
 ))

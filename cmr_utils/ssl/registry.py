@@ -31,6 +31,9 @@ class Method:
     transfers: tuple[str, ...] = ("encoder",)  # the parts of the FPN a fine-tuning run loads
     positions: bool = False  # its batches carry each slice's relative position along the short axis
     summary: str = ""  # one line for the report
+    # the method's own rules on its settings (training keys and model arguments merged), checked when a profile
+    # loads: raises ValueError naming the key
+    check: Callable[[dict], None] | None = None
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name != self.name.lower() or "-" in self.name:
