@@ -148,7 +148,8 @@ def main() -> None:
               f"{'views/s':>9} {'aug slices/s':>13} {'x SimSiam':>10}")
     print(header)
     print("-" * len(header))
-    methods = args.methods if "simsiam" not in args.methods else ["simsiam"] + [m for m in args.methods if m != "simsiam"]
+    # SimSiam first: the reference of the ratio column
+    methods = sorted(args.methods, key=lambda m: m != "simsiam")
     for size in args.sizes:
         reference = None
         for label, method, stage in rows(methods):

@@ -25,9 +25,9 @@ def budget_order(budget) -> tuple:
 
 
 def budget_label(budget, freeze_below: int | None = None) -> str:
-    """A budget in words for the report: ``p3`` -> "3 labelled patients", ``150`` -> "150 slices (encoder frozen)"
-    where the study's rule froze it (fewer than ``freeze_below`` slices), ``150-trained`` -> "150 slices (encoder
-    trained)", ``all`` -> "all labels"."""
+    """A budget in words for the report: ``p3`` -> "3 labelled patients"; ``150`` -> "150 slices with the encoder
+    frozen" where the study's rule froze it (fewer than ``freeze_below`` slices); ``150-trained`` -> "150 slices with
+    the encoder trained"; ``all`` -> "all labels"."""
     text = str(budget)
     k = patient_count(text)
     if k is not None:
@@ -38,6 +38,6 @@ def budget_label(budget, freeze_below: int | None = None) -> str:
     if not number.isdigit():
         return text
     if rest == "trained":
-        return f"{number} slices (encoder trained)"
+        return f"{number} slices with the encoder trained"
     frozen = freeze_below is not None and int(number) < freeze_below
-    return f"{number} slices{' (encoder frozen)' if frozen else ''}"
+    return f"{number} slices{' with the encoder frozen' if frozen else ''}"

@@ -33,7 +33,7 @@ def test_gains_are_the_paired_differences_and_the_answer_says_where_it_pays():
     assert glcl["n_patients"] == 8 and glcl["n_pairs"] == 32
     text = le.answer(gains, {"glcl": "Global + local contrastive"}, freeze_below=1000)
     assert text.startswith("**Pretraining pays** at 3 labelled patients (Global + local contrastive).")
-    assert "150 slices (encoder frozen): best mim +0.000 [+0.000, +0.000]" in text
+    assert "150 slices with the encoder frozen: best mim +0.000 [+0.000, +0.000]" in text
     assert "— makes no measurable difference" in text and "not another draw of the labelled patients" in text
     none = le.answer(le.gains_over_random(df[df["budget"] == "150"]))
     assert none.startswith("**Pretraining does not pay**")
@@ -54,8 +54,8 @@ def test_the_answer_needs_the_adjusted_p_not_only_the_interval():
 
 def test_budget_labels_say_patients_slices_and_the_encoder():
     assert [le.budget_label(b, 1000) for b in ("p1", "p7", "150", "150-trained", "1200", "all")] == [
-        "1 labelled patient", "7 labelled patients", "150 slices (encoder frozen)", "150 slices (encoder trained)",
-        "1200 slices", "all labels"]
+        "1 labelled patient", "7 labelled patients", "150 slices with the encoder frozen",
+        "150 slices with the encoder trained", "1200 slices", "all labels"]
 
 
 def test_dice_by_budget_has_intervals_and_patient_counts():
