@@ -561,5 +561,8 @@ def test_ctrl_c_while_the_command_imports(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert (proc.returncode, stdout, stderr) == (130, "", f"interrupted: nothing was written to {out}\n")
+    # 130, or (seen once, the line already printed) ended by the SIGINT itself, -2: a shell reports 130 for both;
+    # the one line and the untouched output are the contract
+    assert proc.returncode in (130, -signal.SIGINT), stderr
+    assert (stdout, stderr) == ("", f"interrupted: nothing was written to {out}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
