@@ -20,7 +20,9 @@ window; a source without spacing is prepared in pixel geometry (``resize``, ``fi
 the manifest say which geometry each source got.
 
 The pool holds every cine frame of the labelled source where it has one (its labelled frames otherwise),
-for the train and validation patients only, plus every volume of the extra sources. It is stored as
+for the train and validation patients only, plus every volume of the extra sources; an extra source's slice that
+repeats a test slice of the labelled source (the same data set passed again) stops the preparation with a
+``DataError`` (``cmr_utils.overlap``). It is stored as
 float16 to halve its size (a full ACDC cine pool at 224 px is several GB); batches are cast to float32.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pandas as pd
 
 from .files import AtomicDir
 from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm
+from .overlap import TestSlices
 from .readers import CardiacVolume, DataError, Source
 from .structures import N_CLASSES, STRUCTURES
 
@@ -215,6 +218,8 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
                 images.append(img)
                 labels.append(lab)
                 rows += _slice_rows(vol, geo)
+            if name == "test":  # looked for in the extra sources: their slices go into pretraining
+                test_slices = TestSlices(np.concatenate(images), rows)
             np.save(tmp / f"{name}_images.npy", np.concatenate(images))
             np.save(tmp / f"{name}_labels.npy", np.concatenate(labels))
             pd.DataFrame(rows).to_csv(tmp / f"{name}_slices.csv", index_label="index")
@@ -227,6 +232,13 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
             for vol in source.cine(members):
                 img, _ = geometry_for(records[id(source)], *vol.image.shape[1:], vol.spacing).to_model(
                     normalise_volume(vol.image, low, high))
+                if members is None and (repeat := test_slices.find(img)) is not None:
+                    k, test = repeat
+                    raise DataError(
+                        f"{vol.path}: slice {k} of {vol.patient} {vol.phase} ({source.layout}, an extra pretraining "
+                        f"source) is slice {test['slice']} of test patient {test['patient']} {test['phase']} of the "
+                        f"labelled source {labelled.folder}: pretraining must never see the test patients. Pass the "
+                        "labelled data set once, first in DATA, and no copy of it as an extra source")
                 pool.append(img.astype(np.float16))
                 # position: the slice's place along its volume's short axis, in [0, 1) (global contrastive positives)
                 rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,

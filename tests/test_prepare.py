@@ -208,3 +208,66 @@ def test_physical_preparation_resamples_to_the_chosen_spacing(phantom_sources, t
     with pytest.raises(ValueError, match="data.target_spacing"):
         prepare_dataset(sources, tmp_path / "s", image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25),
                         split_seed=0, geometry="physical", target_spacing=-1)
+
+
+def test_overlap_finds_a_repeated_slice_and_nothing_else(rng):
+    """cmr_utils.overlap: a test slice comes back found (also as float16, with noise under the tolerance), with its
+    row; another image, a uniform slice and a copy shifted by 4 px are not found."""
+    from scipy.ndimage import gaussian_filter
+
+    from cmr_utils.overlap import TOLERANCE, TestSlices
+
+    images = np.stack([gaussian_filter(rng.random((64, 64)), 3) for _ in range(6)]).astype(np.float32)
+    images = (images - images.min()) / (images.max() - images.min())
+    rows = [{"patient": "patient007", "phase": "ED", "slice": k} for k in range(6)]
+    test = TestSlices(images, rows)
+    other = gaussian_filter(rng.random((64, 64)), 3)
+    other = (other - images.min()) / (images.max() - images.min())
+    noisy = images[4] + rng.uniform(-TOLERANCE / 2, TOLERANCE / 2, images[4].shape)
+    assert test.find(np.stack([other, noisy.astype(np.float16)])) == (1, rows[4])
+    assert test.find(images[2:3].astype(np.float16)) == (0, rows[2])
+    assert test.find(np.stack([other, np.full((64, 64), 0.5), np.roll(images[1], 4, axis=1)])) is None
+    assert TestSlices(images[:0], []).find(images) is None
+
+
+def test_an_extra_source_holding_a_test_patient_is_refused(phantom_sources, tmp_path):
+    """A copy of a test patient's folder passed as an extra (pretraining) source stops stage 01 with a DataError
+    naming the copy and the test patient, and leaves nothing behind; the phantom's own extra source passes."""
+    import shutil
+
+    args = dict(image_size=32, resize="pad", split_fractions=(0.5, 0.25, 0.25), split_seed=0, field_of_view=0.8)
+    prepare_dataset([open_source(p) for p in phantom_sources], tmp_path / "ok", **args)
+    split = Prepared.open(tmp_path / "ok").split_table()
+    patient = split.loc[split["split"] == "test", "patient"].iloc[0]
+    extra = tmp_path / "more-scans"
+    shutil.copytree(phantom_sources[0] / patient, extra / patient)
+    out = tmp_path / "prepared"
+    with pytest.raises(DataError, match=f"more-scans.*test patient {patient}.*no copy of it"):
+        prepare_dataset([open_source(phantom_sources[0]), open_source(extra)], out, **args)
+    assert not out.exists()
+
+
+def test_real_acdc_passed_again_as_an_extra_source_is_refused(tmp_path):
+    """The real ACDC release as its own extra source: refused; its training and validation patients' slices are
+    never mistaken for the test patients' (the nearest other patient's slice differs by far more than the
+    tolerance)."""
+    from cmr_utils.overlap import TOLERANCE, TestSlices, fingerprints
+
+    folder = real_dir("CMR_ACDC_DIR")
+    sources = [open_source(folder), open_source(folder)]
+    patients = sources[0].patients()[:8]
+    for source in sources:
+        source.patients = lambda: patients
+    with pytest.raises(DataError, match="is slice .* of test patient patient00"):
+        prepare_dataset(sources, tmp_path / "p", image_size=64, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                        split_seed=0)
+    assert not (tmp_path / "p").exists()
+    prepare_dataset(sources[:1], tmp_path / "p", image_size=64, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                    split_seed=0)
+    prepared = Prepared.open(tmp_path / "p")
+    test = TestSlices(prepared.images("test"), prepared.slices("test").to_dict("records"))
+    pool = prepared.pool_images()
+    assert test.find(pool) is None
+    import torch
+    gap = torch.cdist(fingerprints(pool), test.prints, p=float("inf")).min()
+    assert gap > 5 * TOLERANCE
