@@ -365,3 +365,23 @@ def one_hot(labels: np.ndarray, n_classes: int = 4) -> np.ndarray:
     """(Z, H, W) integer labels -> (Z, n_classes, H, W) float32 one-hot probabilities."""
     labels = np.asarray(labels)
     return (labels[:, None] == np.arange(n_classes)[None, :, None, None]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- short-axis order
+APEX_RAS = np.array([-1.0, 1.0, -1.0]) / math.sqrt(3)  # the heart's long axis, base to apex: left, anterior, inferior
+SHORT_AXIS_MIN_COS = 0.7  # above any patient axis (cos 0.577): an oblique stack along the long axis
+
+
+def runs_base_to_apex(affine) -> bool | None:
+    """Whether a stack's slice index grows from the base toward the apex, from its RAS affine (a 4 x 4 whose
+    third column is the step to the next slice, as the DICOM reader's ``meta["affine"]``): the slice axis against
+    the heart's usual long axis. None without an affine, or when the slice axis lies closer to a patient axis than
+    to the long axis (an axial, sagittal or coronal stack: not a short-axis stack whose order can be told)."""
+    if affine is None:
+        return None
+    step = np.asarray(affine, dtype=float)[:3, 2]
+    norm = float(np.linalg.norm(step))
+    if not norm:
+        return None
+    cos = float(step @ APEX_RAS) / norm
+    return None if abs(cos) < SHORT_AXIS_MIN_COS else cos > 0

@@ -8,7 +8,8 @@ into train / validation / test (never a patient in two splits), and writes, atom
     {train,val,test}_labels.npy   (N, S, S) uint8, 0 background 1 RV 2 MYO 3 LV
     {train,val,test}_slices.csv   one row per slice: patient, phase, frame, slice, spacing (mm), ...
     pool_images.npy               (M, S, S) float16: the unlabelled pretraining pool
-    pool_slices.csv               one row per pool slice: source, patient, phase, slice, position (in [0, 1))
+    pool_slices.csv               one row per pool slice: source, patient, phase, slice, position (in [0, 1):
+                                  base 0 to apex 1 where the affine tells, index order otherwise)
     manifest.json                 sources (folder, layout, content hash, geometry), geometry (``geometry``:
                                   physical or pixel; target_spacing, window_mm; image_size, resize,
                                   field_of_view), normalise_percentiles, parameters, counts
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .files import AtomicDir
-from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm
+from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm, runs_base_to_apex
 from .overlap import TestSlices
 from .readers import CardiacVolume, DataError, Source
 from .structures import N_CLASSES, STRUCTURES
@@ -226,7 +227,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
             counts[f"{name}_slices"] = len(rows)
             counts[f"{name}_patients"] = len(split[name])
 
-        pool, rows = [], []
+        pool, rows, reversed_stacks = [], [], {s.folder: 0 for s in sources}
         pretrain_patients = split["train"] + split["val"]
         for source, members in [(labelled, pretrain_patients)] + [(s, None) for s in extras]:
             for vol in source.cine(members):
@@ -240,9 +241,17 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
                         f"labelled source {labelled.folder}: pretraining must never see the test patients. Pass the "
                         "labelled data set once, first in DATA, and no copy of it as an extra source")
                 pool.append(img.astype(np.float16))
-                # position: the slice's place along its volume's short axis, in [0, 1) (global contrastive positives)
-                rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient,
-                              phase=vol.phase, slice=k, position=(k + 0.5) / len(img)) for k in range(len(img))]
+                # position: the slice's place along its volume's short axis, base 0 to apex 1 (global contrastive
+                # positives); a stack whose affine runs apex to base (Sunnybrook's DICOM) is counted from its end
+                n = len(img)
+                apex_first = runs_base_to_apex(vol.meta.get("affine")) is False
+                reversed_stacks[source.folder] += apex_first
+                rows += [dict(source=source.layout, folder=source.folder.name, patient=vol.patient, phase=vol.phase,
+                              slice=k, position=((n - 1 - k if apex_first else k) + 0.5) / n) for k in range(n)]
+        for folder, count in reversed_stacks.items():
+            if count:
+                log(f"{folder}: {count} stack(s) run from apex to base (their affines): slice positions counted from "
+                    "the base")
         np.save(tmp / "pool_images.npy", np.concatenate(pool))
         pd.DataFrame(rows).to_csv(tmp / "pool_slices.csv", index_label="index")
         counts["pool_slices"] = len(rows)

@@ -518,3 +518,18 @@ def test_make_predict_path_on_sunnybrook(sunnybrook, tmp_path, monkeypatch, caps
     for patient, group in table.groupby("patient"):
         assert sorted(group["phase"][group["phase"].isin(["ED", "ES"])]) == ["ED", "ES"]
         assert group["lv_ef"].notna().sum() == 2 and group["original_id"].str.startswith("SC-HF-I-").all()
+
+
+def test_sunnybrook_stacks_run_apex_to_base_by_their_affines_and_anatomy(sunnybrook):
+    """Every labelled Sunnybrook volume's slice axis points away from the apex (``runs_base_to_apex`` False) and
+    the anatomy agrees: its LV cavity is smaller in the first third of the contoured slices than in the last."""
+    from cmr_utils.geometry import runs_base_to_apex
+
+    volumes = list(sunnybrook.volumes())
+    assert volumes
+    for vol in volumes:
+        assert runs_base_to_apex(vol.meta["affine"]) is False, (vol.patient, vol.phase)
+        area = (vol.label == 3).sum(axis=(1, 2))
+        area = area[np.flatnonzero(area)[0]:np.flatnonzero(area)[-1] + 1]
+        third = max(1, len(area) // 3)
+        assert area[:third].mean() < area[-third:].mean(), (vol.patient, vol.phase, area.tolist())

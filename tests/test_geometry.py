@@ -204,3 +204,22 @@ def test_framing_changes_the_scale_in_pixel_geometry_not_in_physical(phantom_vol
             assert heart_area(framed, True) == pytest.approx(original[True], rel=0.05), (vol.patient, name)
         assert heart_area(framings["crop"], False) > 2 * original[False]
         assert heart_area(framings["padded"], False) < 0.3 * original[False]
+
+
+def test_runs_base_to_apex_known_answers():
+    """A slice axis along the heart's long axis (left, anterior, inferior in RAS) runs base to apex, the opposite
+    axis apex to base; a stack along a patient axis (axial, sagittal, coronal), a missing or degenerate affine:
+    unknown."""
+    from cmr_utils.geometry import APEX_RAS, runs_base_to_apex
+
+    def affine(step):
+        a = np.eye(4)
+        a[:3, 2] = step
+        return a
+
+    tilted = 10 * (APEX_RAS + np.array([0.2, 0.0, 0.1]))  # an oblique stack, 10 mm apart, off the mean axis
+    assert runs_base_to_apex(affine(tilted)) is True
+    assert runs_base_to_apex(affine(-tilted)) is False
+    for axis in np.eye(3):
+        assert runs_base_to_apex(affine(8 * axis)) is None and runs_base_to_apex(affine(-8 * axis)) is None
+    assert runs_base_to_apex(None) is None and runs_base_to_apex(affine(np.zeros(3))) is None

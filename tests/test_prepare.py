@@ -271,3 +271,28 @@ def test_real_acdc_passed_again_as_an_extra_source_is_refused(tmp_path):
     import torch
     gap = torch.cdist(fingerprints(pool), test.prints, p=float("inf")).min()
     assert gap > 5 * TOLERANCE
+
+
+def test_pool_positions_run_base_to_apex_in_every_source(tmp_path):
+    """ACDC's slices run base to apex in index order; Sunnybrook's DICOM stacks run apex to base, so their pool
+    positions are counted from the end: in both, position 0 is the base, and the log says which stacks turned."""
+    from conftest import real_dir
+
+    acdc = open_source(real_dir("CMR_ACDC_DIR"))
+    sunnybrook = open_source(real_dir("CMR_SUNNYBROOK_DIR"))
+    patients = acdc.patients()[:4]
+    acdc.patients = lambda: patients
+    lines = []
+    prepare_dataset([acdc, sunnybrook], tmp_path / "p", image_size=64, resize="pad", split_fractions=(0.5, 0.25, 0.25),
+                    split_seed=0, geometry="physical", log=lines.append)
+    pool = Prepared.open(tmp_path / "p").pool_slices()
+    for (source, patient, phase), stack in pool.groupby(["source", "patient", "phase"]):
+        n = len(stack)
+        expected = (n - 1 - stack["slice"] + 0.5) / n if source == "dicom" else (stack["slice"] + 0.5) / n
+        np.testing.assert_allclose(stack["position"], expected)
+    assert set(pool["source"]) == {"acdc-h5", "dicom"}
+    assert any("run from apex to base" in line and "Sunnybrook" in line for line in lines)
+    for vol in acdc.volumes():  # the index order taken for sources without an affine: ACDC's LV shrinks along it
+        area = (vol.label == 3).sum(axis=(1, 2))
+        area = area[np.flatnonzero(area)[0]:np.flatnonzero(area)[-1] + 1]
+        assert area[:len(area) // 3].mean() > area[-(len(area) // 3):].mean(), (vol.patient, vol.phase)
