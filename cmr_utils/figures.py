@@ -91,6 +91,9 @@ REPORT_ITEMS = (
                "Test Dice (3D, original grid) per initialisation and budget."),
     ReportItem("gains_over_random.csv", "04_evaluate", "cmr_utils.label_efficiency.gains_over_random",
                "Each initialisation minus random initialisation, paired on seed, test patient and phase."),
+    ReportItem("gains_by_structure.csv", "04_evaluate", "cmr_utils.label_efficiency.gains_by_structure",
+               "Where the gains come from: each initialisation minus random initialisation per structure (3D Dice of "
+               "RV, MYO and LV), paired on seed, test patient and phase."),
     ReportItem("label_efficiency.png", "04_evaluate", "cmr_utils.plots.label_efficiency",
                "Test Dice against labelled training patients."),
     ReportItem("acdc_metrics.csv", "04_evaluate", "cmr_utils.tables.acdc_metrics",

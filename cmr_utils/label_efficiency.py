@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import stats
 from .budgets import budget_label, budget_order, patient_count
+from .structures import STRUCTURES
 
 KEYS = ["seed", "patient", "phase"]
 
@@ -41,6 +42,30 @@ def gains_over_random(volume_dice: pd.DataFrame, baseline: str = "random") -> pd
     table.insert(0, "budget", table.pop("budget"))
     return table.sort_values(["budget", "init"], key=lambda c: c.map(budget_order) if c.name == "budget" else c,
                              ignore_index=True)
+
+
+def gains_by_structure(per_volume: pd.DataFrame, baseline: str = "random") -> pd.DataFrame:
+    """Where a gain comes from: each initialisation minus ``baseline`` per budget and structure (RV, MYO, LV), the
+    structure's 3D Dice paired on (seed, patient, phase) as in ``gains_over_random``: ``budget, structure, init,
+    dice`` (the initialisation's mean), ``dice_random`` (the baseline's), ``mean_diff, ci_low, ci_high`` and the
+    p values (Holm over the initialisations of a budget and structure). ``per_volume``: stage 04's rows (init,
+    budget, seed, patient, phase, structure, dice)."""
+    frame = per_volume.assign(budget=per_volume["budget"].astype(str))
+    rows = []
+    for (budget, structure), group in frame.groupby(["budget", "structure"]):
+        if baseline not in set(group["init"]) or group["init"].nunique() < 2:
+            continue
+        rows.append(stats.pairwise_comparisons(group, "init", KEYS, "dice", baseline=baseline)
+                    .assign(budget=budget, structure=structure))
+    columns = ["budget", "structure", "init", "dice", f"dice_{baseline}", "mean_diff", "ci_low", "ci_high"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    table = (pd.concat(rows, ignore_index=True)
+             .rename(columns={"b": "init", "mean_b": "dice", "mean_a": f"dice_{baseline}"}).drop(columns="a"))
+    table = table[columns + [c for c in table.columns if c not in columns]]
+    order = {name: k for k, name in enumerate(STRUCTURES.values())}
+    return table.sort_values(["budget", "structure", "init"], ignore_index=True, key=lambda c: c.map(
+        budget_order) if c.name == "budget" else c.map(order) if c.name == "structure" else c)
 
 
 def answer(gains: pd.DataFrame, display: dict[str, str] | None = None, methods=None,

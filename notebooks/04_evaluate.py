@@ -169,12 +169,14 @@ figures.make(ws, "paired_comparisons.csv", per_volume)
 # ## Label efficiency: does pretraining pay with few labels?
 # Test Dice (3D, native grid, mean over RV, MYO and LV) per initialisation and budget with its 95 % patient-level
 # bootstrap interval (`dice_by_budget.csv`); each initialisation minus random, paired on seed, patient and phase
-# (`gains_over_random.csv`); the figure puts the patient budgets (`p1`, `p3`, `p7`) beside all labels.
+# (`gains_over_random.csv`), and per structure (`gains_by_structure.csv`); the figure puts the patient budgets (`p1`,
+# `p3`, `p7`) beside all labels.
 
 # %%
 names = {name: method.display for name, method in ssl.METHODS.items()}
 by_budget = figures.make(ws, "dice_by_budget.csv", volume_dice)
 gains = figures.make(ws, "gains_over_random.csv", volume_dice)
+figures.make(ws, "gains_by_structure.csv", per_volume)
 if by_budget["labelled_patients"].notna().any():  # patient budgets (p1, p3, ...) in the sweep
     figures.make(ws, "label_efficiency.png", by_budget, prepared.manifest["counts"]["train_patients"], names)
 print(label_efficiency.answer(gains, names, methods=ssl.METHODS, freeze_below=params["finetune"]["freeze_below"]))

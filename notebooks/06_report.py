@@ -125,7 +125,8 @@ figures.show(ws, "paired_comparisons.csv", empty=report.comparison_gap(runs))
 # ### Does pretraining pay with few labels?
 # Test Dice (3D, native grid, mean over RV, MYO and LV) against the number of labelled training patients (every
 # slice of each; the semi-supervised ACDC benchmarks count labels this way), and each initialisation minus random
-# initialisation, paired on seed, test patient and phase, with its 95 % patient-level bootstrap interval.
+# initialisation, paired on seed, test patient and phase, with its 95 % patient-level bootstrap interval (mean over
+# RV, MYO and LV, then per structure).
 
 # %%
 names = {name: method.display for name, method in ssl.METHODS.items()}
@@ -134,6 +135,7 @@ display(Markdown(label_efficiency.answer(figures.read(ws, "gains_over_random.csv
 for name in figures.existing(ws, "label_efficiency.png"):  # drawn where the sweep has patient budgets
     figures.show(ws, name)
 figures.show(ws, "gains_over_random.csv", empty="no budget has random initialisation beside a pretrained one")
+figures.show(ws, "gains_by_structure.csv", empty="no budget has random initialisation beside a pretrained one")
 figures.show(ws, "dice_by_budget.csv", empty=report.trained_runs_gap(runs))
 
 # %% [markdown]

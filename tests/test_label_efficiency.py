@@ -73,3 +73,24 @@ def test_reference_budget_is_all_or_the_largest_trained_budget():
     assert reference_budget(runs) == "p7"  # 150 has more slices, but its encoder was frozen
     assert reference_budget(pd.concat([runs, pd.DataFrame({"budget": ["all"], "n_labelled": [1020], "status": "ok",
                                                            "frozen_encoder": [False]})])) == "all"
+
+
+def test_gains_by_structure_say_which_structure_gains():
+    """GLCL adds 0.1 to the RV Dice only and MIM takes 0.05 from the LV only: the per-structure table has exactly
+    those paired differences (intervals included) and zeros elsewhere, structures in RV, MYO, LV order, budgets in
+    budget order, and each row the two means it subtracts."""
+    rows = []
+    for structure, (glcl, mim) in {"LV": (0.0, -0.05), "RV": (0.1, 0.0), "MYO": (0.0, 0.0)}.items():
+        shifts = {(init, budget): d for budget in ("150", "p3")
+                  for init, d in (("random", 0.0), ("glcl", glcl), ("mim", mim))}
+        rows.append(volume_dice(shifts).assign(structure=structure))
+    table = le.gains_by_structure(pd.concat(rows, ignore_index=True))
+    assert list(table["budget"].unique()) == ["p3", "150"]
+    assert list(table["structure"].unique()) == ["RV", "MYO", "LV"]
+    assert len(table) == 12 and set(table["init"]) == {"glcl", "mim"}
+    expected = {("glcl", "RV"): 0.1, ("mim", "LV"): -0.05}
+    for row in table.itertuples():
+        diff = expected.get((row.init, row.structure), 0.0)
+        assert row.mean_diff == pytest.approx(diff) and row.ci_low == pytest.approx(diff)
+        assert row.ci_high == pytest.approx(diff) and row.dice - row.dice_random == pytest.approx(diff)
+    assert le.gains_by_structure(rows[0][rows[0]["init"] == "glcl"]).empty  # no random to subtract

@@ -94,8 +94,10 @@ def test_make_report_tiny_produces_every_output(tiny_report):
         assert (ws.figures / name).stat().st_size > 1000, name
     for name in ("data_summary.csv", "iou_by_init.csv", "iou_by_budget.csv", "acdc_metrics.csv",
                  "ef_agreement.csv", "paired_comparisons.csv", "xai_summary.csv", "dice_by_budget.csv",
-                 "gains_over_random.csv"):
+                 "gains_over_random.csv", "gains_by_structure.csv"):
         assert (ws.tables / name).exists(), name
+    by_structure = pd.read_csv(ws.tables / "gains_by_structure.csv")
+    assert set(by_structure["structure"]) == {"RV", "MYO", "LV"} and not by_structure.empty
     html = ws.report_html.read_text()
     for text in ("Colophon", "imagenet: unavailable", "resnet18-f37072fd.pth", "Seg-Grad-CAM", "Label budgets",
                  "Does pretraining pay with few labels?", "Masked image modelling"):
