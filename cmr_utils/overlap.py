@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 SIZE = 16  # block means per side: coarse enough for a cast or a resampling's rounding, fine enough for anatomy
-TOLERANCE = 0.02  # largest block difference of a repeat (normalised intensities); other patients differ by > 0.1
+TOLERANCE = 0.02  # largest block difference of a repeat (normalised intensities); ACDC patients: 0.39 apart or more
 MIN_STD = 0.05  # slices whose block means vary less than this are not compared
 
 
@@ -31,12 +31,12 @@ def informative(prints: torch.Tensor) -> torch.Tensor:
     return prints.std(dim=1, correction=0) >= MIN_STD if len(prints) else torch.zeros(0, dtype=torch.bool)
 
 
-class TestSlices:
-    """The test split's slices, to look for in other sources (``find``)."""
+class ProtectedSlices:
+    """The test split's slices, protected from pretraining: looked for in other sources (``find``)."""
 
     def __init__(self, images: np.ndarray, rows: list[dict]):
         if len(images) != len(rows):
-            raise ValueError(f"TestSlices: {len(images)} slices but {len(rows)} rows")
+            raise ValueError(f"ProtectedSlices: {len(images)} slices but {len(rows)} rows")
         prints = fingerprints(images)
         keep = informative(prints)
         self.prints = prints[keep]

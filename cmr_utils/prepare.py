@@ -40,7 +40,7 @@ import pandas as pd
 
 from .files import AtomicDir
 from .geometry import GEOMETRIES, SliceGeometry, geometry_for, heart_half_extent_mm, runs_base_to_apex
-from .overlap import TestSlices
+from .overlap import ProtectedSlices
 from .readers import CardiacVolume, DataError, Source
 from .structures import N_CLASSES, STRUCTURES
 
@@ -220,7 +220,7 @@ def prepare_dataset(sources: list[Source], out_dir: str | Path, *, image_size: i
                 labels.append(lab)
                 rows += _slice_rows(vol, geo)
             if name == "test":  # looked for in the extra sources: their slices go into pretraining
-                test_slices = TestSlices(np.concatenate(images), rows)
+                test_slices = ProtectedSlices(np.concatenate(images), rows)
             np.save(tmp / f"{name}_images.npy", np.concatenate(images))
             np.save(tmp / f"{name}_labels.npy", np.concatenate(labels))
             pd.DataFrame(rows).to_csv(tmp / f"{name}_slices.csv", index_label="index")

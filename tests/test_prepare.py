@@ -215,19 +215,19 @@ def test_overlap_finds_a_repeated_slice_and_nothing_else(rng):
     row; another image, a uniform slice and a copy shifted by 4 px are not found."""
     from scipy.ndimage import gaussian_filter
 
-    from cmr_utils.overlap import TOLERANCE, TestSlices
+    from cmr_utils.overlap import TOLERANCE, ProtectedSlices
 
     images = np.stack([gaussian_filter(rng.random((64, 64)), 3) for _ in range(6)]).astype(np.float32)
     images = (images - images.min()) / (images.max() - images.min())
     rows = [{"patient": "patient007", "phase": "ED", "slice": k} for k in range(6)]
-    test = TestSlices(images, rows)
+    test = ProtectedSlices(images, rows)
     other = gaussian_filter(rng.random((64, 64)), 3)
     other = (other - images.min()) / (images.max() - images.min())
     noisy = images[4] + rng.uniform(-TOLERANCE / 2, TOLERANCE / 2, images[4].shape)
     assert test.find(np.stack([other, noisy.astype(np.float16)])) == (1, rows[4])
     assert test.find(images[2:3].astype(np.float16)) == (0, rows[2])
     assert test.find(np.stack([other, np.full((64, 64), 0.5), np.roll(images[1], 4, axis=1)])) is None
-    assert TestSlices(images[:0], []).find(images) is None
+    assert ProtectedSlices(images[:0], []).find(images) is None
 
 
 def test_an_extra_source_holding_a_test_patient_is_refused(phantom_sources, tmp_path):
@@ -251,7 +251,7 @@ def test_real_acdc_passed_again_as_an_extra_source_is_refused(tmp_path):
     """The real ACDC release as its own extra source: refused; its training and validation patients' slices are
     never mistaken for the test patients' (the nearest other patient's slice differs by far more than the
     tolerance)."""
-    from cmr_utils.overlap import TOLERANCE, TestSlices, fingerprints
+    from cmr_utils.overlap import TOLERANCE, ProtectedSlices, fingerprints
 
     folder = real_dir("CMR_ACDC_DIR")
     sources = [open_source(folder), open_source(folder)]
@@ -265,7 +265,7 @@ def test_real_acdc_passed_again_as_an_extra_source_is_refused(tmp_path):
     prepare_dataset(sources[:1], tmp_path / "p", image_size=64, resize="pad", split_fractions=(0.5, 0.25, 0.25),
                     split_seed=0)
     prepared = Prepared.open(tmp_path / "p")
-    test = TestSlices(prepared.images("test"), prepared.slices("test").to_dict("records"))
+    test = ProtectedSlices(prepared.images("test"), prepared.slices("test").to_dict("records"))
     pool = prepared.pool_images()
     assert test.find(pool) is None
     import torch
