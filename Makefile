@@ -96,8 +96,10 @@ $(error the parameter stamps of PROFILE=$(PROFILE) could not be written (the lin
 endif
 $(shell mkdir -p $(dir $(EXTERNAL_VALUE)) && { printf '%s\n' "$(EXTERNAL)" | cmp -s - $(EXTERNAL_VALUE) || printf '%s\n' "$(EXTERNAL)" > $(EXTERNAL_VALUE); })
 endif
-# `make run` checks RUN against the plan's runs once the plan exists (make reads this file again after making it)
-ifneq ($(and $(filter run,$(MAKECMDGOALS)),$(wildcard $(PLAN))),)
+# `make run` checks RUN against the plan's runs once the plan exists and is up to date: a plan older than what it is
+# made from (a budget just added to the profile) is remade first, and make reads this file again with its runs
+PLAN_STALE = $(shell find $(STAMP) params/$(PROFILE).yaml $(PROFILE_FILES) $(MODULES_plan) -newer $(PLAN) 2>/dev/null | head -n 1)
+ifneq ($(and $(filter run,$(MAKECMDGOALS)),$(wildcard $(PLAN)),$(if $(PLAN_STALE),,fresh)),)
 ifeq ($(strip $(RUN)),)
 $(error make run needs RUN=<run>[ <run>...]; the runs of PROFILE=$(PROFILE) DATA=$(DATA): $(RUNS))
 endif

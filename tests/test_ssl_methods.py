@@ -39,6 +39,53 @@ def test_every_registered_method_is_an_initialisation_with_a_colour_and_a_name()
     assert list(ssl.METHODS) == ["simsiam", "swav", "mim", "glcl"]
 
 
+def test_a_new_method_is_one_module(tmp_path, monkeypatch):
+    """What the registry promises: a method written as one module (here a file outside the package, SimSiam's
+    network under a new name at batch 8) reaches the parameter schema, the plan, pretraining, the model factory and
+    the report's colours without a line changed anywhere else."""
+    (tmp_path / "toy_method.py").write_text(
+        "from cmr_utils.ssl.registry import Method, register\n"
+        "from cmr_utils.ssl.simsiam import SimSiamModule\n"
+        "from cmr_utils.ssl.views import make_simsiam_transform\n\n"
+        "class ToyModule(SimSiamModule):\n"
+        "    method_name = 'toy'\n\n"
+        "register(Method(name='toy', display='Toy', colour='tab:olive', model=ToyModule,\n"
+        "                views=make_simsiam_transform, defaults={'lr': 0.05, 'batch_size': 8}))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    try:
+        importlib.import_module("toy_method")
+        assert "toy" in known_inits() and pretrained_parts("toy") == ("encoder",)
+        params = load_profile("tiny")
+        params["pretrain"]["methods"].append("toy")
+        params["pretrain"]["toy"] = {"max_epochs": 1}
+        params["finetune"]["inits"].append("toy")
+        params = validate(params)
+        training, _ = pretrain_settings(params, "toy")
+        assert training["batch_size"] == 8 and training["max_epochs"] == 1  # its default, then the profile's block
+        from cmr_utils.plan import finetune_runs
+        from cmr_utils.plots import init_colour
+
+        runs = finetune_runs(params)
+        toy = sorted(r["name"] for r in runs if r["init"] == "toy")
+        assert toy and toy == sorted(r["name"].replace("random-", "toy-") for r in runs if r["init"] == "random")
+        result = ssl.train_ssl("toy", slices(16), slices(6, seed=1), tmp_path / "toy", image_size=32, batch_size=4,
+                               max_epochs=1, patience=1, lr=0.05, seed=0,
+                               trainer_kwargs={"limit_train_batches": 2, "limit_val_batches": 1})
+        encoder = tmp_path / "out" / "encoder.pt"
+        ssl.save_pretrained(result["states"], encoder, {"method": "toy"})
+        model = build_segmentation_model("toy", encoder)
+        for key, value in result["states"]["encoder"].items():
+            assert torch.equal(model.encoder.state_dict()[key], value)
+        assert init_colour("toy") == "tab:olive"
+    finally:
+        ssl.METHODS.pop("toy", None)
+        sys.modules.pop("toy_method", None)
+    assert list(ssl.METHODS) == ["simsiam", "swav", "mim", "glcl"]
+
+
 def test_a_profile_block_overrides_only_what_it_names():
     params = load_profile("tiny")
     training, model = pretrain_settings(params, "swav")
