@@ -67,7 +67,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml tools/setup_env.py too
 # ------------------------------------------------------------------------------------------ the plan
 # Run names, folders and the data tag come from cmr_utils (the one module that knows the layout).
 PLAN := .make/plan-$(PROFILE)-$(shell printf '%s|%s|%s' "$(DATA)" "$(CMR_OUTPUT_ROOT)" "$(EXTERNAL)" | cksum | cut -d' ' -f1).mk
-$(PLAN): $(STAMP) params/$(PROFILE).yaml $$(PROFILE_FILES) $$(MODULES_plan)
+# what the plan is made from (PROFILE_FILES and MODULES_plan come from the dependencies file included below)
+PLAN_INPUTS = $(STAMP) params/$(PROFILE).yaml $(PROFILE_FILES) $(MODULES_plan)
+$(PLAN): $$(PLAN_INPUTS)
 	@mkdir -p $(dir $@)
 	$(PY) -m cmr_utils.plan --profile $(PROFILE) --data "$(DATA)" --external "$(EXTERNAL)" --make > $@.tmp && mv $@.tmp $@
 # What each stage depends on (cmr_utils/dependencies.py, docs/make.md): MODULES_<stage>, the package modules its
@@ -98,7 +100,7 @@ $(shell mkdir -p $(dir $(EXTERNAL_VALUE)) && { printf '%s\n' "$(EXTERNAL)" | cmp
 endif
 # `make run` checks RUN against the plan's runs once the plan exists and is up to date: a plan older than what it is
 # made from (a budget just added to the profile) is remade first, and make reads this file again with its runs
-PLAN_STALE = $(shell find $(STAMP) params/$(PROFILE).yaml $(PROFILE_FILES) $(MODULES_plan) -newer $(PLAN) 2>/dev/null | head -n 1)
+PLAN_STALE = $(if $(wildcard $(DEPENDENCIES)),$(shell find $(PLAN_INPUTS) -newer $(PLAN) 2>/dev/null | head -n 1),unknown)
 ifneq ($(and $(filter run,$(MAKECMDGOALS)),$(wildcard $(PLAN)),$(if $(PLAN_STALE),,fresh)),)
 ifeq ($(strip $(RUN)),)
 $(error make run needs RUN=<run>[ <run>...]; the runs of PROFILE=$(PROFILE) DATA=$(DATA): $(RUNS))

@@ -42,7 +42,8 @@ def test_every_registered_method_is_an_initialisation_with_a_colour_and_a_name()
 def test_a_new_method_is_one_module(tmp_path, monkeypatch):
     """What the registry promises: a method written as one module (here a file outside the package, SimSiam's
     network under a new name at batch 8) reaches the parameter schema, the plan, pretraining, the model factory and
-    the report's colours without a line changed anywhere else."""
+    the report's colours without a line changed anywhere else. In this process it is imported by hand; in the
+    package, its import line in ``cmr_utils/ssl/__init__.py`` is what makes Make and the notebooks see it."""
     (tmp_path / "toy_method.py").write_text(
         "from cmr_utils.ssl.registry import Method, register\n"
         "from cmr_utils.ssl.simsiam import SimSiamModule\n"
