@@ -445,6 +445,7 @@ def describe_pretraining(ws: Workspace, methods) -> str:
     from .ssl import get_method
 
     lines = []
+    took = pretraining_times(ws, methods)
     for m in methods:
         meta = json.loads(ws.encoder_path(m).with_suffix(".json").read_text())
         monitored = pd.read_csv(ws.pretrain_dir(m) / "history.csv")["embedding_std_ratio"].notna().any()
@@ -455,8 +456,30 @@ def describe_pretraining(ws: Workspace, methods) -> str:
         lines.append(f"- **{method.display}** ({' and '.join(method.transfers)}): trained on {seen.get('train', '?')} "
                      f"unlabelled slices ({sources or 'sources not recorded'}), validated on {seen.get('val', '?')}; "
                      f"{meta['epochs_run']} epochs, kept epoch {meta['best_epoch']} (validation loss "
-                     f"{meta['best_val_loss']:.4f}); collapse monitor: {state}")
+                     f"{meta['best_val_loss']:.4f}); collapse monitor: {state}{took.get(m, '')}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def pretraining_times(ws: Workspace, methods, reference: str = "simsiam") -> dict[str, str]:
+    """Per method, "; pretraining took T (r× SimSiam's)": the wall time of its stage-02 notebook as Papermill recorded
+    it, and its multiple of ``reference``'s where that method ran too (the issue's cost measure; under Make each
+    pretraining has its share of the cores, so the ratio compares like with like only when they ran alike). Methods
+    without an executed notebook are left out."""
+    from .ssl import get_method
+
+    durations = stage_durations(ws.executed).set_index("notebook")["wall_s"].dropna()
+    seconds = {m: float(durations[f"02_pretrain-{m}"]) for m in methods if f"02_pretrain-{m}" in durations.index}
+    base = seconds.get(reference)
+    words = {}
+    for m, t in seconds.items():
+        ratio = f" ({t / base:.1f}× {get_method(reference).display}'s)" if base and m != reference else ""
+        words[m] = f"; pretraining took {_duration(t)}{ratio}"
+    return words
 
 
 def unavailable_note(unavailable: pd.DataFrame) -> str:

@@ -228,3 +228,29 @@ def test_budget_curve_draws_trained_encoder_runs_as_a_second_line():
     assert alt.endswith("random 150 (150 slices) 0.50, 150-trained (150 slices) 0.60, all (1020 slices) 0.80; "
                         "simsiam 150 (150 slices) 0.55, all (1020 slices) 0.70.")
     plt.close(fig)
+
+
+def test_each_pretraining_says_how_long_it_took_against_simsiam(tmp_path):
+    import json
+
+    import nbformat
+
+    from cmr_utils.paths import Workspace
+    from cmr_utils.report import describe_pretraining
+
+    ws = Workspace(profile="lowlabel", tag="data", root=tmp_path)
+    ws.executed.mkdir(parents=True)
+    for method, seconds in (("simsiam", 98.0), ("glcl", 1238.0), ("mim", None)):
+        ws.pretrain_dir(method).mkdir(parents=True)
+        ws.encoder_path(method).with_suffix(".json").write_text(json.dumps({
+            "collapsed": False, "epochs_run": 8, "best_epoch": 5, "best_val_loss": 0.5,
+            "pool_slices": {"train": 1080, "val": 112, "train_by_source": {"ACDC": 1080}}}))
+        pd.DataFrame({"epoch": [0], "embedding_std_ratio": [0.9]}).to_csv(ws.pretrain_dir(method) / "history.csv")
+        if seconds is not None:  # masked image modelling: no executed notebook (stage 02 not run through Make)
+            nb = nbformat.v4.new_notebook(metadata={"papermill": {"duration": seconds}})
+            nbformat.write(nb, ws.executed / f"02_pretrain-{method}.ipynb")
+    lines = describe_pretraining(ws, ["simsiam", "glcl", "mim"]).splitlines()
+    assert lines[0].endswith("; pretraining took 1 min 38 s")
+    assert lines[1].endswith("; pretraining took 20 min 38 s (12.6× SimSiam's)")
+    assert "pretraining took" not in lines[2]
+    assert describe_pretraining(ws, ["glcl"]).endswith("; pretraining took 20 min 38 s")  # no SimSiam: no ratio
