@@ -461,15 +461,16 @@ def describe_pretraining(ws: Workspace, methods) -> str:
 
 
 def _duration(seconds: float) -> str:
+    """``1 min 38 s`` (or ``38 s``): as Make's progress lines say how long a notebook took."""
     minutes, rest = divmod(int(round(seconds)), 60)
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def pretraining_times(ws: Workspace, methods, reference: str = "simsiam") -> dict[str, str]:
     """Per method, "; pretraining took T (r× SimSiam's)": the wall time of its stage-02 notebook as Papermill recorded
-    it, and its multiple of ``reference``'s where that method ran too (the issue's cost measure; under Make each
-    pretraining has its share of the cores, so the ratio compares like with like only when they ran alike). Methods
-    without an executed notebook are left out."""
+    it, and its multiple of ``reference``'s where that method ran too (what a method costs beside the study's
+    SimSiam; under Make each pretraining has its share of the cores, so the ratio compares like with like only when
+    they ran alike). Methods without an executed notebook are left out."""
     from .ssl import get_method
 
     durations = stage_durations(ws.executed).set_index("notebook")["wall_s"].dropna()
